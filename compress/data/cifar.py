@@ -1,0 +1,113 @@
+"""CIFAR-10 from an ImageFolder tree (train/<class>/*.png, test/<class>/*.png) or torchvision's
+cifar-10-batches-py, decoded once into a uint8 tensor cache keyed by the source's file listing."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from compress import CompressError
+
+log = logging.getLogger("compress")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def detect_layout(root: Path) -> tuple[str, Path] | None:
+    """('imagefolder', root) or ('torchvision', dir holding cifar-10-batches-py) or None."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return "imagefolder", root
+    if (root / "cifar-10-batches-py" / "data_batch_1").is_file():
+        return "torchvision", root
+    if root.name == "cifar-10-batches-py" and (root / "data_batch_1").is_file():
+        return "torchvision", root.parent
+    return None
+
+
+def _listing(root: Path, layout: str) -> list[tuple[str, int, int]]:
+    if layout == "torchvision":
+        files = sorted((root / "cifar-10-batches-py").iterdir())
+    else:
+        files = sorted(p for split in ("train", "test") for p in (root / split).rglob("*.png"))
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append((str(p.relative_to(root)), st.st_size, int(st.st_mtime)))
+    return out
+
+
+def _cache_key(root: Path, layout: str) -> str:
+    h = hashlib.sha256(f"{layout}:{root.resolve()}".encode())
+    for rel, size, mtime in _listing(root, layout):
+        h.update(f"{rel}:{size}:{mtime}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _decode_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if len(classes) != 10:
+        raise CompressError(f"dataset.root: {split_dir} should hold 10 class folders, found {len(classes)}")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        found = sorted((split_dir / cls).glob("*.png"))
+        files += found
+        labels += [label] * len(found)
+
+    def decode(p: Path) -> torch.Tensor:
+        return decode_png(read_file(str(p)), ImageReadMode.RGB)
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        images = list(pool.map(decode, files, chunksize=256))
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _decode_torchvision(root: Path, download: bool) -> dict[str, torch.Tensor]:
+    from torchvision.datasets import CIFAR10
+
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = CIFAR10(str(root), train=train, download=download)
+        out[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
+    return out
+
+
+def load_cifar10(root: Path, download: bool, cache_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """uint8 train/test tensors; decodes at most once per distinct source (cached under cache_dir)."""
+    found = detect_layout(root)
+    if found is None:
+        if not download:
+            raise CompressError(f"dataset.root: no CIFAR-10 at {root}")
+        try:
+            _decode_torchvision(root, download=True)
+        except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not fetch"
+            raise CompressError(
+                f"dataset.download: could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); "
+                "offline? point dataset.root at a local copy") from e
+        found = detect_layout(root)
+        assert found is not None
+    layout, base = found
+    key = _cache_key(base, layout)
+    cache_file = cache_dir / f"cifar10-{key}.pt"
+    if cache_file.is_file():
+        try:
+            return torch.load(cache_file, map_location="cpu", weights_only=True), f"{base} ({layout}, cached)"
+        except Exception:
+            log.warning("data cache %s unreadable; decoding again", cache_file)
+    log.info("decoding CIFAR-10 from %s (%s layout) once; cache: %s", base, layout, cache_file)
+    if layout == "torchvision":
+        tensors = _decode_torchvision(base, download=False)
+    else:
+        tensors = {}
+        for split in ("train", "test"):
+            tensors[f"{split}_x"], tensors[f"{split}_y"] = _decode_folder(base / split)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    torch.save(tensors, tmp)
+    os.replace(tmp, cache_file)
+    return tensors, f"{base} ({layout})"

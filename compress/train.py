@@ -1,0 +1,147 @@
+"""Training and evaluation loops. The schedule is a plain dict (the `schedule` config group)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.data.base import Split
+
+log = logging.getLogger("compress")
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 500, amp: bool = False,
+             desc: str = "eval") -> dict[str, float]:
+    """top-1 / top-5 accuracy in percent and mean cross-entropy over the whole split."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    n = 0
+    k = min(5, _num_outputs(model, split, device))
+    for x, y in tqdm(split.batches(batch_size), total=math.ceil(len(split) / batch_size), desc=desc,
+                     leave=False, disable=None):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices
+        hits = topk.eq(y[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
+
+
+def _num_outputs(model: nn.Module, split: Split, device: torch.device) -> int:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else 5
+
+
+def make_optimizer(model: nn.Module, sched: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=sched["lr"],
+                           momentum=sched["momentum"], weight_decay=sched["weight_decay"],
+                           nesterov=bool(sched["nesterov"]) and sched["momentum"] > 0)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, sched: dict, steps_per_epoch: int):
+    """Stepped once per batch. Warm-up (linear, from lr/10) composes with every schedule."""
+    epochs, kind = int(sched["epochs"]), sched["scheduler"]
+    total = max(1, epochs * steps_per_epoch)
+    warm = int(sched.get("warmup_epochs") or 0) * steps_per_epoch
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sched["lr"], total_steps=total)
+    if kind == "constant":
+        main = lambda step: 1.0  # noqa: E731
+    elif kind == "cosine":
+        main = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))  # noqa: E731
+    elif kind == "multistep":
+        milestones = [int(m) * steps_per_epoch for m in sched.get("milestones") or []]
+        main = lambda step: sched["gamma"] ** sum(step >= m for m in milestones)  # noqa: E731
+    else:  # validated upstream
+        raise ValueError(kind)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (0.1 + 0.9 * step / warm) if step < warm else main(step))
+
+
+def fit(model: nn.Module, train: Split, val: Split, sched: dict, device: torch.device, *, seed: int = 0,
+        resume: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train",
+        eval_batch_size: int = 500) -> tuple[nn.Module, dict]:
+    """Train for sched["epochs"], keep the weights of the best epoch by validation top-1 (never test).
+
+    `resume` is a state dict produced by a previous call's `on_epoch_end`; training continues after its
+    last finished epoch with the same optimizer, scheduler and random state.
+    """
+    epochs = int(sched["epochs"])
+    info = {"epochs_run": 0, "best_epoch": None, "best_val_top1": None}
+    if epochs <= 0:
+        return model, info
+    if sched.get("channels_last", True):
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, sched)
+    batches_per_epoch = math.ceil(len(train) / sched["batch_size"])
+    if sched.get("max_batches"):
+        batches_per_epoch = min(batches_per_epoch, int(sched["max_batches"]))
+    scheduler = make_scheduler(opt, sched, batches_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    start, best_top1, best_state, best_epoch = 0, -1.0, None, None
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        start, best_top1, best_state, best_epoch = (resume["epoch"], resume["best_val_top1"],
+                                                    resume["best_state"], resume["best_epoch"])
+        log.info("%s: resuming after epoch %d (best val top-1 %.2f at epoch %s)", desc, start, best_top1, best_epoch)
+    amp = bool(sched.get("amp")) and device.type == "cuda"
+    step_model = torch.compile(model) if sched.get("compile") and device.type == "cuda" else model
+    smoothing = float(sched.get("label_smoothing") or 0.0)
+    for epoch in range(start, epochs):
+        model.train()
+        running, seen = 0.0, 0
+        bar = tqdm(train.batches(sched["batch_size"], shuffle=True, augment=True, generator=generator,
+                                 max_batches=batches_per_epoch),
+                   total=batches_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                loss = F.cross_entropy(step_model(x), y, label_smoothing=smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            scheduler.step()
+            running += loss.item() * y.numel()
+            seen += y.numel()
+            bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        val = evaluate(model, val, device, eval_batch_size, amp, desc="val")
+        log.info("%s epoch %d/%d: train loss %.4f, val top-1 %.2f", desc, epoch + 1, epochs, running / max(seen, 1),
+                 val["top1"])
+        if val["top1"] > best_top1:
+            best_top1, best_epoch = val["top1"], epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        info.update(epochs_run=epoch + 1, best_epoch=best_epoch, best_val_top1=best_top1)
+        if on_epoch_end:
+            on_epoch_end({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                          "best_val_top1": best_top1, "best_state": best_state, "best_epoch": best_epoch})
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    log.info("%s: kept epoch %s (val top-1 %.2f)", desc, best_epoch, best_top1)
+    return model, info
