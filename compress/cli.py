@@ -29,12 +29,12 @@ def _to_log_file(msg: str) -> None:
 
 def _hydra_message(e: Exception) -> str:
     """Hydra's composition errors are multi-line; keep the line a user can act on."""
-    text = str(e).strip() or str(e.__cause__ or "").strip()
+    text = f"{e}\n{e.__cause__ or ''}".strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if "is not in struct" in ln or "Key '" in ln and "not" in ln:
-            key = ln.split("'")[1] if "'" in ln else ln
-            return f"{key}: unknown config option (add new keys with +{key}=...)"
+    if any("is not in struct" in ln for ln in lines):
+        key = next((ln.split("'")[1] for ln in lines if ln.startswith("Could not override '")), None)
+        key = key or next(ln.split("'")[1] for ln in lines if "is not in struct" in ln and "'" in ln)
+        return f"{key}: unknown config option (add new keys with +{key}=...)"
     if lines and lines[0].startswith("In ") and len(lines) > 1:
         return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(e).__name__

@@ -130,11 +130,11 @@ def fit(model: nn.Module, train: Split, val: Split, sched: dict, device: torch.d
             running += loss.item() * y.numel()
             seen += y.numel()
             bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        val = evaluate(model, val, device, eval_batch_size, amp, desc="val")
+        val_top1 = evaluate(model, val, device, eval_batch_size, amp, desc="val")["top1"]
         log.info("%s epoch %d/%d: train loss %.4f, val top-1 %.2f", desc, epoch + 1, epochs, running / max(seen, 1),
-                 val["top1"])
-        if val["top1"] > best_top1:
-            best_top1, best_epoch = val["top1"], epoch + 1
+                 val_top1)
+        if val_top1 > best_top1:
+            best_top1, best_epoch = val_top1, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         info.update(epochs_run=epoch + 1, best_epoch=best_epoch, best_val_top1=best_top1)
         if on_epoch_end:

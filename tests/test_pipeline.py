@@ -1,0 +1,195 @@
+"""`compress run` end to end on the synthetic data set: outputs, reload, errors, resume, rollback, report."""
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from compress import checkpoints
+from compress.methods import Method, register
+from compress.pipeline import Run
+from compress.results import COLUMNS
+from tests.conftest import PRETRAINED, REPO, compress_cli
+
+
+def rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_metrics_config_log_and_reloadable_model(tmp_path, quick_args):
+    run_dir = tmp_path / "run"
+    compress_cli("run", *quick_args, "schedule.epochs=1", f"hydra.run.dir={run_dir}", check=True)
+    table = rows(run_dir)
+    assert [r["stage"] for r in table] == ["baseline", "compressed", "final"]
+    assert set(COLUMNS) <= set(table[0])
+    assert all(r["method"] == "none" and r["arch"] == "resnet20" and r["dataset"] == "synthetic" for r in table)
+    assert int(table[0]["params"]) == 269722 and int(table[0]["macs"]) == 40551040
+    assert float(table[0]["params_reduction_pct"]) == 0.0
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "compress.log").is_file()
+    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    assert saved["format"] == checkpoints.FORMAT and saved["arch"] == "resnet20"
+
+    again = tmp_path / "again"
+    compress_cli("run", *quick_args, f"arch.checkpoint={run_dir / 'model.pt'}", "schedule.epochs=0",
+                 f"hydra.run.dir={again}", check=True)
+    assert rows(again)[0]["top1"] == table[-1]["top1"]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("no_such_option=1", "no_such_option: unknown config option"),
+    ("schedule.epochs=-1", "schedule.epochs: must be an integer >= 0"),
+    ("schedule.lr=0", "schedule.lr: must be > 0"),
+    ("dataset.val_size=0", "dataset.val_size: must be a positive integer"),
+    ("method.no_such_key=3", "method.no_such_key"),
+    ("method=no_such_method", "method"),
+])
+def test_bad_config_values_fail_with_one_line(tmp_path, quick_args, override, expected):
+    proc = compress_cli("run", *quick_args, override, f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def test_missing_data_root_names_where_it_looked(tmp_path):
+    proc = compress_cli("run", f"dataset.root={tmp_path / 'nowhere'}", "measure.latency=false",
+                        f"hydra.run.dir={tmp_path / 'r'}", f"paths.cache={tmp_path / 'c'}")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert "dataset.root" in line and str(tmp_path / "nowhere") in line
+
+
+@pytest.mark.skipif(not PRETRAINED.is_dir(), reason="needs ../shared/pretrained")
+def test_checkpoint_of_another_arch_names_the_mismatching_keys(tmp_path, quick_args):
+    ckpt = PRETRAINED / "resnet32-d509ac18.th"
+    proc = compress_cli("run", *quick_args, f"arch.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert "does not match" in line and "unexpected: layer1.3.conv1.weight" in line
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path, quick_args):
+    bad = tmp_path / "broken.th"
+    bad.write_bytes(b"\x80\x02this is not a checkpoint" * 10)
+    proc = compress_cli("run", *quick_args, f"arch.checkpoint={bad}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert "arch.checkpoint" in line and "not a readable PyTorch checkpoint" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(tmp_path, quick_args):
+    proc = compress_cli("run", *quick_args, "device=cuda", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2 and "device: cuda was requested" in proc.stderr
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, quick_args):
+    run_dir = tmp_path / "run"
+    compress_cli("run", *quick_args, "schedule.epochs=0", f"hydra.run.dir={run_dir}", check=True)
+    before = (run_dir / "metrics.csv").read_text()
+    proc = compress_cli("run", *quick_args, "schedule.epochs=0", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and "resume=true" in proc.stderr
+    assert (run_dir / "metrics.csv").read_text() == before
+
+
+def test_killed_run_resumes_from_last_epoch_without_duplicate_rows(tmp_path, quick_args):
+    run_dir = tmp_path / "run"
+    args = [*quick_args, "schedule.epochs=4", "dataset.train_size=512", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = run_dir / "state.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                s = torch.load(state, map_location="cpu", weights_only=True)
+            except Exception:  # never expected (atomic writes), but do not fail the poll on it
+                s = {}
+            if s.get("train") and s["train"]["fit"]["epoch"] >= 1:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "resume=true" in err
+    assert [r["stage"] for r in rows(run_dir)] == ["baseline", "compressed"]
+    interrupted_at = torch.load(state, map_location="cpu", weights_only=True)["train"]["fit"]["epoch"]
+    assert 1 <= interrupted_at < 4
+
+    compress_cli("run", *args, "resume=true", check=True)
+    assert [r["stage"] for r in rows(run_dir)] == ["baseline", "compressed", "final"]
+    log = (run_dir / "compress.log").read_text()
+    assert f"resuming after epoch {interrupted_at}" in log
+    assert len({r["run_id"] for r in rows(run_dir)}) == 1
+
+    # Resuming a finished run changes nothing; a different config is refused.
+    before = (run_dir / "metrics.csv").read_text()
+    compress_cli("run", *args, "resume=true", check=True)
+    assert (run_dir / "metrics.csv").read_text() == before
+    proc = compress_cli("run", *args, "resume=true", "schedule.lr=0.5")
+    assert proc.returncode == 2 and "resume: the config differs" in proc.stderr
+
+
+# ---- the iterative schedule, in process, with a method that only perturbs weights ------------------------
+@register
+class _Perturb(Method):
+    """Test method: each step scales every conv weight by (1 - step_scale) — destroys accuracy."""
+
+    name = "_perturb_test"
+    scales: list[float] = []
+
+    def step(self, model, ctx, round_index, step_scale):
+        _Perturb.scales.append(step_scale)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.weight.mul_(0.0)
+        return model
+
+
+def compose_cfg(overrides: list[str]) -> dict:
+    with initialize_config_module(config_module="compress.configs", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args):
+    # An unreachable threshold: every round (which zeroes all conv weights) is rolled back.
+    cfg = compose_cfg([a for a in quick_args if not a.startswith("threads")] + [
+        "method.name=_perturb_test", "schedule.rounds=3", "schedule.round_epochs=1", "schedule.max_batches=2",
+        "schedule.epochs=0", "schedule.min_top1=100", "schedule.on_rollback=shrink", "schedule.max_rollbacks=1"])
+    run = Run(cfg, tmp_path / "run")
+    _Perturb.scales.clear()
+    run.execute()
+    table = rows(tmp_path / "run")
+    assert [(r["stage"], r["status"]) for r in table] == [
+        ("baseline", ""), ("compressed", ""), ("round_1", "rolled_back"), ("round_2", "rolled_back"), ("final", "")]
+    assert _Perturb.scales == [1.0, 0.5]  # shrink once, then stop after max_rollbacks
+    assert float(table[-1]["top1"]) == float(table[0]["top1"])
+    cached = next((tmp_path / "cache" / "pretrained").glob("*.pt"))
+    pretrained = torch.load(cached, map_location="cpu", weights_only=True)["state_dict"]
+    final = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert pretrained.keys() == final.keys()
+    assert all(torch.equal(pretrained[k], final[k]) for k in pretrained)
+
+
+def test_report_gathers_runs(tmp_path, quick_args):
+    for seed in (0, 1):
+        compress_cli("run", *quick_args, f"seed={seed}", "schedule.epochs=0", f"hydra.run.dir={tmp_path / 'sweep' / str(seed)}",
+                     check=True)
+    out = tmp_path / "table.csv"
+    proc = compress_cli("report", str(tmp_path / "sweep"), "-o", str(out), check=True)
+    assert "| baseline" in proc.stdout.replace("|  baseline", "| baseline") or "baseline" in proc.stdout
+    with out.open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and {r["seed"] for r in table} == {"0", "1"}
+    proc = compress_cli("report", str(tmp_path / "empty_nothing"))
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
