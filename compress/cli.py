@@ -67,6 +67,10 @@ def _task(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
+        hc = HydraConfig.get()
+        # Rows say which experiment and overrides made them, so the runs of a sweep can be told apart.
+        plain["experiment"] = hc.runtime.choices.get("experiment")
+        plain["overrides"] = hc.job.override_dirname
         Run(plain, run_dir).execute()
     except CompressError as e:
         _to_log_file(f"error: {e}")
@@ -96,7 +100,7 @@ def report(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="compress report", description="Gather every metrics.csv below DIRs.")
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("report.csv"), help="CSV to write (default report.csv)")
-    p.add_argument("--columns", default="run_dir,method,arch,stage,status,top1,top1_delta,params,params_reduction_pct,"
+    p.add_argument("--columns", default="run_dir,experiment,overrides,method,arch,stage,status,top1,top1_delta,params,params_reduction_pct,"
                    "macs,macs_reduction_pct,latency_ms_b1,size_bytes", help="comma-separated columns to print")
     args = p.parse_args(argv)
     for d in args.dirs:

@@ -82,9 +82,19 @@ def deployable(model: nn.Module) -> nn.Module:
 
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
+            own_class(module)
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(module, hook._tensor_name)
     return model
+
+
+def own_class(module: nn.Module) -> None:
+    """Give a deep-copied parametrized module a class of its own. A deep copy shares the original's
+    injected `Parametrized<Layer>` class, and remove_parametrizations deletes the parametrized property
+    from that class, which would leave the original model without its weight."""
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)

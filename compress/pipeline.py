@@ -128,7 +128,7 @@ class Run:
 
     # -- state --------------------------------------------------------------------------------------
     def _config_fingerprint(self) -> str:
-        keep = {k: v for k, v in self.cfg.items() if k not in ("resume", "run_id", "threads")}
+        keep = {k: v for k, v in self.cfg.items() if k not in ("resume", "run_id", "threads", "overrides")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _save_state(self, model: nn.Module, **extra) -> None:
@@ -253,7 +253,8 @@ class Run:
         test = self._evaluate(model, self.data.test, f"{stage} test")
         val = self._evaluate(model, self.data.val, f"{stage} val")
         shape = self.data.image_shape
-        row = {"run_id": self.state["run_id"], "method": self.method.name, "arch": self.arch,
+        row = {"run_id": self.state["run_id"], "experiment": self.cfg.get("experiment") or "",
+               "overrides": self.cfg.get("overrides") or "", "method": self.method.name, "arch": self.arch,
                "dataset": self.data.name, "seed": self.cfg["seed"], "stage": stage, "status": status,
                "top1": round(test["top1"], 3), "top5": round(test["top5"], 3), "loss": round(test["loss"], 5),
                "val_top1": round(val["top1"], 3), "params": measure.count_params(model),

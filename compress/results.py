@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 COLUMNS = [
     "run_id", "method", "arch", "dataset", "seed", "stage", "status", "top1", "top5", "loss", "val_top1",
     "params", "params_nonzero", "macs", "params_reduction_pct", "macs_reduction_pct", "top1_delta",
-    "latency_ms_b1", "latency_ms_b64", "size_bytes", "wall_s",
+    "latency_ms_b1", "latency_ms_b64", "size_bytes", "wall_s", "experiment", "overrides",
 ]
 
 

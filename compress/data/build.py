@@ -11,7 +11,8 @@ from compress.data.base import Data, TensorSplit
 from compress.data.cifar import detect_layout, load_cifar10
 from compress.data.synthetic import make_synthetic
 
-SMOKE_SIZES = {"train_size": 64, "val_size": 32, "test_size": 32}
+SMOKE_SIZES = {"train_size": 32, "val_size": 16, "test_size": 16}
+SMOKE_MAX_IMAGE_SIZE = 64  # ImageNet-shaped smoke runs at 64x64: the models pool adaptively, and it is 12x cheaper
 
 
 def _find_root(name: str, root: str | None, search: Sequence[str]) -> tuple[Path, list[Path]]:
@@ -56,6 +57,8 @@ def load(cfg: dict, *, mean: Sequence[float], std: Sequence[float], search: Sequ
         if smoke:
             sizes = {k: min(v, SMOKE_SIZES[k]) if v else SMOKE_SIZES[k] for k, v in sizes.items()}
         size, classes = int(cfg["image_size"]), int(cfg["num_classes"])
+        if smoke:
+            size = min(size, SMOKE_MAX_IMAGE_SIZE)
         n_train = sizes["train_size"] + sizes["val_size"]
         train_x, train_y = make_synthetic(n_train, classes, size, seed=cfg.get("split_seed", 0))
         test_x, test_y = make_synthetic(sizes["test_size"], classes, size, seed=cfg.get("split_seed", 0) + 1000)

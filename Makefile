@@ -1,0 +1,25 @@
+# Two set-up commands: `make run` (the default job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+RUN_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch/torchvision first, pinned to the releases this project is tested with.
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/compress run $(RUN_ARGS)
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+bench: install
+	$(VENV)/bin/python bench/train_throughput.py
+
+.PHONY: install run test bench

@@ -1,0 +1,155 @@
+"""CFDP scoring speed, measured side by side (alternating rounds, medians):
+
+1. the vectorised scorer `compress.methods.cfdp.channel_scores` vs a plain per-map loop written from the
+   formula (per image, per channel, per block, scipy's dctn / gaussian_filter: for the reference variant
+   this is the public code's own structure) on the same tensors;
+2. scoring every conv of ResNet-56 on 640 images (`feature_scores`, one forward pass per batch with hooks
+   on all layers) vs the bare forward passes over the same batches.
+
+    .venv/bin/python bench/cfdp_scoring.py [--threads 1] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.fft import dctn
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from compress.methods import cfdp
+from compress.models import build
+from compress.prune.features import feature_scores
+
+CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "pretrained" / "resnet56-4bfd9763.th"
+
+
+# -- per-map loops (the baseline) ---------------------------------------------------------------------------
+def reference_map_score(fmap: np.ndarray, lam: float) -> float:
+    h = fmap.shape[0]
+    blocks = h // 2
+    freq = np.zeros_like(fmap)
+    if blocks == 0:
+        freq = gaussian_filter(dctn(fmap, norm="ortho"), sigma=10)
+    for bx in range(blocks):
+        for by in range(blocks):
+            rows, cols = slice(2 * bx, 2 * bx + 2), slice(2 * by, 2 * by + 2)
+            freq[rows, cols] = gaussian_filter(dctn(fmap[rows, cols], norm="ortho"), sigma=10)
+    dist = (freq > freq.mean()).sum() / h**2
+    return float(np.linalg.norm(freq) * dist + lam * np.linalg.norm(fmap))
+
+
+def paper_map_score(fmap: np.ndarray, lam: float, block: int = 4, sigma: float = 1.0) -> float:
+    smooth = gaussian_filter(fmap, sigma=sigma, mode="reflect", truncate=4.0)
+    freq = np.zeros_like(fmap)
+    h, w = fmap.shape
+    for x0 in range(0, h, block):
+        for y0 in range(0, w, block):
+            rows, cols = slice(x0, min(x0 + block, h)), slice(y0, min(y0 + block, w))
+            freq[rows, cols] = dctn(smooth[rows, cols], norm="ortho")
+    dist = (freq >= freq.mean()).mean()
+    return float(np.linalg.norm(freq) * dist + lam * np.linalg.norm(fmap))
+
+
+LOOPS = {"reference": reference_map_score, "paper": paper_map_score}
+
+
+def loop_scores(maps: torch.Tensor, variant: str, lam: float = 0.03) -> torch.Tensor:
+    x = maps.numpy()
+    score = LOOPS[variant]
+    per_map = [[score(x[i, c], lam) for c in range(x.shape[1])] for i in range(x.shape[0])]
+    return torch.tensor(per_map, dtype=torch.float64).mean(0)
+
+
+# -- timing helpers -----------------------------------------------------------------------------------------
+def seconds(fn, repeats: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per call. With one thread the process's CPU time is the compute itself, which
+    other users of a shared machine inflate far less than the wall time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats
+
+
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+
+def bench_scorer(rounds: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    # One tensor per ResNet-56 stage (post-ReLU maps: non-negative with exact zeros).
+    tensors = [torch.randn(4, c, s, s, generator=g).relu() for c, s in ((16, 32), (32, 16), (64, 8))]
+    maps = sum(t.shape[0] * t.shape[1] for t in tensors)
+    print(f"1. scorer vs per-map loop on {maps} maps (4 images x 16ch 32x32, 32ch 16x16, 64ch 8x8)")
+    for variant in cfdp.VARIANTS:
+        loop_t, vec_t = [], []
+        for _ in range(rounds):  # alternate, so that both see the same machine load
+            loop_t.append(seconds(lambda: [loop_scores(t, variant) for t in tensors]))
+            vec_t.append(seconds(lambda: [cfdp.channel_scores(t, variant) for t in tensors], repeats=50))
+        err = max(
+            float(((cfdp.channel_scores(t.double(), variant) - loop_scores(t.double(), variant).double()).abs()
+                   / loop_scores(t.double(), variant).double()).max())
+            for t in tensors
+        )
+        (loop_s, loop_c), (vec_s, vec_c) = medians(loop_t), medians(vec_t)
+        print(f"   {variant:9s}: loop {loop_s * 1e3:8.1f} ms ({loop_s / maps * 1e6:7.1f} us/map)  "
+              f"vectorised {vec_s * 1e3:6.3f} ms ({vec_s / maps * 1e6:5.2f} us/map)  "
+              f"ratio {loop_s / vec_s:6.0f}x wall, {loop_c / vec_c:6.0f}x CPU  (max rel. diff, float64: {err:.1e})")
+
+
+def resnet56() -> nn.Module:
+    model = build("resnet56", 10)
+    if CHECKPOINT.exists():  # real weights give realistic ReLU sparsity; timing hardly depends on it
+        state = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return model.eval()
+
+
+def bench_model(rounds: int, images: int, batch_size: int) -> None:
+    model = resnet56()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    g = torch.Generator().manual_seed(1)
+    # channels_last, as the pipeline's calibration batches: the hooked maps are then channels_last too.
+    batches = [torch.randn(batch_size, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+               for _ in range(images // batch_size)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+
+    print(f"2. ResNet-56, {len(layers)} convs scored on {images} images (batches of {batch_size}) "
+          f"vs bare forward passes ({'pretrained' if CHECKPOINT.exists() else 'random'} weights)")
+    forward()  # warm-up
+    for variant in cfdp.VARIANTS:
+        for feature in ("relu", "conv"):
+            fwd_t, score_t = [], []
+            score_fn = lambda maps: cfdp.channel_scores(maps, variant)  # noqa: E731
+            for _ in range(rounds):
+                fwd_t.append(seconds(forward))
+                score_t.append(seconds(lambda: feature_scores(model, layers, batches, score_fn, feature)))
+            (fwd_s, fwd_c), (score_s, score_c) = medians(fwd_t), medians(score_t)
+            print(f"   {variant:9s} feature={feature}: forward {fwd_s:5.2f} s ({fwd_c:5.2f} s CPU)  "
+                  f"forward+scoring {score_s:5.2f} s ({score_c:5.2f} s CPU)  "
+                  f"ratio {score_s / fwd_s:4.2f}x wall, {score_c / fwd_c:4.2f}x CPU")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")
+    bench_scorer(args.rounds)
+    bench_model(args.rounds, args.images, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

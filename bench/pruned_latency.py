@@ -1,0 +1,71 @@
+"""CPU latency of a structurally pruned CIFAR model next to the unpruned one, measured in one run.
+
+Both models run alternately (pruned, unpruned, pruned, ...) so that load on the machine hits both alike;
+the median of the repeats is reported per batch size, with the speed-up next to the MACs ratio and
+their quotient (1.0 = the latency falls exactly as the MACs do; the target is >= 0.8).
+
+    .venv/bin/python bench/pruned_latency.py                      # ResNet-56 at "[0.]+[0.18]*29"
+    .venv/bin/python bench/pruned_latency.py --arch vgg16_bn --rate "[0.21]*7+[0.75]*5" --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from compress.measure import count_macs, count_params
+from compress.methods import get
+from compress.methods.base import Context
+from compress.models import build
+
+
+def timed(model: torch.nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet56")
+    parser.add_argument("--rate", default="[0.]+[0.18]*29", help="method.compress_rate (l1 scores, random weights)")
+    parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="memory format of the timed inputs and weights (the pipeline's latency uses channels_last)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    dense = build(args.arch, 10).eval()
+    ctx = Context(device=torch.device("cpu"), arch=args.arch, num_classes=10, input_shape=shape)
+    pruned = get("l1")(compress_rate=args.rate).compress(build(args.arch, 10).eval(), ctx).eval()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    dense, pruned = dense.to(memory_format=fmt), pruned.to(memory_format=fmt)
+    macs = {"dense": count_macs(dense, shape), "pruned": count_macs(pruned, shape)}
+    macs_ratio = macs["dense"] / macs["pruned"]
+    print(f"{args.arch} rate {args.rate}: params {count_params(dense) / 1e6:.3f}M -> {count_params(pruned) / 1e6:.3f}M, "
+          f"MACs {macs['dense'] / 1e6:.2f}M -> {macs['pruned'] / 1e6:.2f}M (ratio {macs_ratio:.3f}); "
+          f"threads {args.threads}, {'channels_last' if args.channels_last else 'contiguous'}, median of {args.repeats}")
+    print(f"{'batch':>5} {'dense ms':>10} {'pruned ms':>10} {'speed-up':>9} {'MACs ratio':>10} {'speed-up/MACs':>13}")
+    with torch.inference_mode():
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, *shape).contiguous(memory_format=fmt)
+            for _ in range(args.warmup):
+                dense(x), pruned(x)
+            times: dict[str, list[float]] = {"dense": [], "pruned": []}
+            for _ in range(args.repeats):
+                times["pruned"].append(timed(pruned, x))
+                times["dense"].append(timed(dense, x))
+            med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+            speedup = med["dense"] / med["pruned"]
+            print(f"{batch:>5} {med['dense']:>10.2f} {med['pruned']:>10.2f} {speedup:>9.3f} {macs_ratio:>10.3f} "
+                  f"{speedup / macs_ratio:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""SCAP: Spectral Complex Autoencoder Pruning (structured channel pruning by spectral reconstruction fidelity).
+
+For every conv layer and output channel j, the complex interaction field of one image is
+`Z[j, c] = X[c] + i * Y_j` over space: X (Cin, H, W) is the layer's input activation (real part), Y_j its
+output channel j (the raw conv output, resized to X's spatial size, broadcast over the Cin input channels,
+imaginary part). Each of the Cin planes of Z is taken to the frequency domain (2-D FFT), turned into a
+normalised real spectrum, and fed to a small per-layer autoencoder trained on the spectra of all channels
+of that layer. The fidelity of channel j is the cosine similarity between a spectrum and its
+reconstruction, averaged over the input channels and the calibration images. High fidelity = the channel's
+interaction with its input lies on the low-dimensional manifold the autoencoder captured = compressible.
+
+The structured-pruning engine keeps high scores, so the keep score is `1 - fidelity + l1_weight * l1n`
+(l1n: the filter's L1 norm divided by the largest in its layer); a channel is pruned by threshold when
+`1 - keep_score = fidelity - l1_weight * l1n > threshold`. See docs/scap.md for every choice.
+
+Memory: nothing is stored per image. Pass 1 over the calibration batches draws a random subset of
+spectra per layer (the autoencoder's training set); pass 2 scores every spectrum inside the forward
+hooks, `chunk_size` output channels at a time, so peak memory is one batch's activations plus one chunk
+of `batch * chunk_size * Cin * H * W` spectra. FFT linearity avoids building the field itself:
+`fft2(X + i*Y_j) = fft2(X) + i*fft2(Y_j)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress import CompressError
+from compress.methods import register
+from compress.methods.structured import StructuredPruning
+
+SPECTRA = ("log", "magnitude", "power")
+RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
+AE_LOSSES = ("mse", "cosine")
+OUTPUTS = ("conv", "relu")
+BALANCES = ("layer", "channel", "none")
+_EPS = 1e-12
+
+
+# -- the interaction field and its spectra ------------------------------------------------------------------
+def align_output(y: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """Resize output maps (N, C, Ho, Wo) to the input's spatial `size` (a no-op when they already match).
+
+    Nearest upsampling of a stride-s output repeats each output pixel over the s x s input cell it was
+    computed at, so position (p, q) of the field pairs input pixel (p, q) with the output that saw it.
+    """
+    if tuple(y.shape[-2:]) == tuple(size):
+        return y
+    smooth = mode in ("bilinear", "bicubic")
+    return F.interpolate(y, size=tuple(size), mode=mode, align_corners=False if smooth else None)
+
+
+def balance(t: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Scale each image's maps (N, C, H, W) to unit RMS: over all its channels and pixels together, or
+    (`per_channel`) each channel on its own. An all-zero map stays zero.
+
+    Whole-tensor scaling keeps the relative strength of the channels while letting the input and the
+    (pre-BatchNorm, arbitrarily scaled) conv output meet on an equal footing in the complex field;
+    per-channel scaling removes strength altogether, so that only the shape of a channel's maps counts.
+    """
+    dims = (2, 3) if per_channel else (1, 2, 3)
+    rms = t.pow(2).mean(dim=dims, keepdim=True).sqrt()
+    return t / rms.clamp_min(_EPS)
+
+
+def interaction_field(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The complex field Z[n, j, c] = x[n, c] + i * y[n, j]: (N, Cin, H, W), (N, C, H, W) -> (N, C, Cin, H, W).
+
+    `y` must already be aligned to x's spatial size. Reference form: scoring uses `field_spectra` instead.
+    """
+    return torch.complex(x[:, None].expand(-1, y.shape[1], -1, -1, -1), y[:, :, None].expand(-1, -1, x.shape[1], -1, -1))
+
+
+def plane_fft(t: torch.Tensor) -> torch.Tensor:
+    """Orthonormal 2-D FFT over the last two axes (magnitudes independent of the map size)."""
+    return torch.fft.fft2(t, norm="ortho")
+
+
+def field_spectra(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """fft2 of the interaction field from the planes' own FFTs (linearity): (N, Cin, H, W), (N, C, H, W)
+    complex -> (N, C, Cin, H, W) complex, equal to `plane_fft(interaction_field(x, y))`."""
+    return fx[:, None] + 1j * fy[:, :, None]
+
+
+def normalise_spectra(spectra: torch.Tensor, kind: str = "log") -> torch.Tensor:
+    """Complex spectra (..., H, W) -> unit-L2-norm real vectors (..., H*W).
+
+    "log": log(1 + |F|) (compresses the dominant low frequencies so the rest still counts);
+    "magnitude": |F|; "power": |F|^2. An all-zero spectrum stays zero.
+    """
+    magnitude = spectra.abs().flatten(-2)
+    if kind == "log":
+        values = torch.log1p(magnitude)
+    elif kind == "magnitude":
+        values = magnitude
+    elif kind == "power":
+        values = magnitude.pow(2)
+    else:
+        raise CompressError(f"method.spectrum: must be one of {', '.join(SPECTRA)}, got '{kind}'")
+    return unit_norm(values)
+
+
+def unit_norm(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def cosine_fidelity(spectra: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along the last axis; 0 where either vector is zero."""
+    dot = (spectra * reconstruction).sum(-1)
+    return dot / (spectra.norm(dim=-1) * reconstruction.norm(dim=-1)).clamp_min(_EPS)
+
+
+# -- the low-capacity autoencoder --------------------------------------------------------------------------
+@dataclass
+class Autoencoder:
+    """D -> hidden (ReLU) -> D, fully connected; `center` is subtracted from every input (zeros if off)."""
+
+    enc_w: torch.Tensor  # (hidden, D)
+    enc_b: torch.Tensor  # (hidden,)
+    dec_w: torch.Tensor  # (D, hidden)
+    dec_b: torch.Tensor  # (D,)
+    center: torch.Tensor  # (D,)
+
+    def prepare(self, spectra: torch.Tensor) -> torch.Tensor:
+        """Unit-norm spectra -> the vectors the autoencoder sees (centred and renormalised when centring)."""
+        if not bool(self.center.any()):
+            return spectra
+        return unit_norm(spectra - self.center)
+
+    def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(F.linear(v, self.enc_w, self.enc_b))
+        return F.linear(hidden, self.dec_w, self.dec_b)
+
+    def fidelity(self, spectra: torch.Tensor) -> torch.Tensor:
+        v = self.prepare(spectra)
+        return cosine_fidelity(v, self.reconstruct(v))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.enc_w, self.enc_b, self.dec_w, self.dec_b]
+
+
+def init_autoencoder(dim: int, hidden: int, generator: torch.Generator) -> Autoencoder:
+    """nn.Linear's default init (uniform +-1/sqrt(fan_in)), drawn from `generator` for reproducibility."""
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+        bound = 1.0 / math.sqrt(fan_in)
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+    return Autoencoder(
+        enc_w=uniform((hidden, dim), dim),
+        enc_b=uniform((hidden,), dim),
+        dec_w=uniform((dim, hidden), hidden),
+        dec_b=uniform((dim,), hidden),
+        center=torch.zeros(dim),
+    )
+
+
+def bottleneck_width(dim: int, hidden: int, ratio: float) -> int:
+    """`hidden`, but at most `ratio` of the spectrum length `dim` and at least 1: a bottleneck as wide as
+    the input would reconstruct everything (the 2 x 2 maps of VGG's last stage have dim 4)."""
+    return max(1, min(hidden, int(dim * ratio)))
+
+
+def train_autoencoder(
+    spectra: torch.Tensor,
+    hidden: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    loss: str = "mse",
+    center: bool = False,
+) -> Autoencoder:
+    """Fit an autoencoder to unit-norm spectra (S, D) with Adam; init and shuffling come from `generator`."""
+    if loss not in AE_LOSSES:
+        raise CompressError(f"method.ae_loss: must be one of {', '.join(AE_LOSSES)}, got '{loss}'")
+    device = spectra.device
+    ae = init_autoencoder(spectra.shape[-1], hidden, generator)
+    if center:
+        ae.center = spectra.mean(0).cpu()
+    for name in ("enc_w", "enc_b", "dec_w", "dec_b", "center"):
+        setattr(ae, name, getattr(ae, name).to(device))
+    inputs = ae.prepare(spectra)
+    params = ae.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(inputs.shape[0], generator=generator).to(device)
+            for batch_index in order.split(batch_size):
+                batch = inputs[batch_index]
+                recon = ae.reconstruct(batch)
+                if loss == "mse":
+                    value = (recon - batch).pow(2).sum(-1).mean()
+                else:
+                    value = (1 - cosine_fidelity(batch, recon)).mean()
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+    for p in params:
+        p.requires_grad_(False)
+    return ae
+
+
+# -- per-layer sampling and scoring (called inside forward hooks) ---------------------------------------------
+@dataclass
+class SpectrumOptions:
+    spectrum: str = "log"
+    resize: str = "nearest"
+    balance: str = "channel"
+    output: str = "relu"
+
+
+def layer_planes(x: torch.Tensor, y: torch.Tensor, opts: SpectrumOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv's input (N, Cin, H, W) and output (N, C, Ho, Wo) -> their plane FFTs on the input's grid."""
+    x, y = x.float(), y.float()
+    if opts.balance != "none":
+        x, y = balance(x), balance(y, per_channel=opts.balance == "channel")
+    return plane_fft(x), plane_fft(align_output(y, x.shape[-2:], opts.resize))
+
+
+def sample_spectra(
+    fx: torch.Tensor, fy: torch.Tensor, count: int, opts: SpectrumOptions, generator: torch.Generator
+) -> torch.Tensor:
+    """`count` normalised spectra of random (image, output channel, input channel) triples: (count, H*W)."""
+    n, cin = fx.shape[:2]
+    cout = fy.shape[1]
+    images = torch.randint(n, (count,), generator=generator).to(fx.device)
+    outputs = torch.randint(cout, (count,), generator=generator).to(fx.device)
+    inputs = torch.randint(cin, (count,), generator=generator).to(fx.device)
+    return normalise_spectra(fx[images, inputs] + 1j * fy[images, outputs], opts.spectrum)
+
+
+def fidelity_sums(
+    fx: torch.Tensor, fy: torch.Tensor, ae: Autoencoder, opts: SpectrumOptions, chunk_size: int | None
+) -> torch.Tensor:
+    """Per output channel, the sum over images of the fidelity averaged over input channels: (C,).
+
+    Vectorised over images, input channels and the `chunk_size` output channels of a chunk (all at once
+    when None); the loop runs over chunks only, to bound the (N, chunk, Cin, H, W) spectra in memory.
+    """
+    cout = fy.shape[1]
+    step = cout if not chunk_size else chunk_size
+    sums = [
+        ae.fidelity(normalise_spectra(field_spectra(fx, fy[:, start : start + step]), opts.spectrum))
+        .mean(2)
+        .sum(0)
+        for start in range(0, cout, step)
+    ]
+    return torch.cat(sums)
+
+
+def layer_l1(weight: torch.Tensor) -> torch.Tensor:
+    """Filter L1 norms of a conv weight (C, ...) divided by the layer's largest: (C,) in [0, 1]."""
+    l1 = weight.detach().abs().flatten(1).sum(1).float()
+    return l1 / l1.max().clamp_min(_EPS)
+
+
+def keep_scores(fidelity: torch.Tensor, l1n: torch.Tensor, l1_weight: float) -> torch.Tensor:
+    """Higher = keep: `1 - fidelity + l1_weight * l1n` (fidelity says compressible, filter mass says useful)."""
+    return 1 - fidelity + l1_weight * l1n
+
+
+# -- two passes over the calibration data ---------------------------------------------------------------------
+def _run_with_hooks(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor], on_layer, output: str = "conv"
+) -> int:
+    """Run `model` (eval, no_grad) over `batches`, calling `on_layer(name, input, output_maps)` per layer.
+
+    output "conv": the layer's own output; "relu": relu(BatchNorm(conv output)), the BatchNorm being the
+    module that receives the conv's output tensor (found during the forward pass, as in
+    compress.prune.features); a layer that feeds no BatchNorm gets relu(its own output).
+    """
+    if output not in OUTPUTS:
+        raise CompressError(f"method.output: must be one of {', '.join(OUTPUTS)}, got '{output}'")
+    names = {id(m): name for name, m in layers.items()}
+    # conv output tensor id -> (name, conv input, conv output): waiting for the BatchNorm that reads it.
+    pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+
+    def on_conv(module: nn.Module, inputs, out: torch.Tensor) -> None:
+        if output == "conv":
+            on_layer(names[id(module)], inputs[0], out)
+        else:
+            pending[id(out)] = (names[id(module)], inputs[0], out)
+
+    def on_batchnorm(_module: nn.Module, inputs, out: torch.Tensor) -> None:
+        entry = pending.pop(id(inputs[0]), None)
+        if entry is not None:
+            on_layer(entry[0], entry[1], F.relu(out))
+
+    handles = [m.register_forward_hook(on_conv) for m in layers.values()]
+    if output == "relu":
+        handles += [
+            m.register_forward_hook(on_batchnorm)
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                for name, x, out in pending.values():  # layers not followed by a BatchNorm
+                    on_layer(name, x, F.relu(out))
+                pending.clear()
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise CompressError("method.batches: no calibration batches were given")
+    return seen
+
+
+@dataclass
+class AutoencoderOptions:
+    hidden: int = 8
+    ratio: float = 0.25  # the bottleneck is never wider than this fraction of the spectrum length
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 256
+    samples: int = 4096
+    loss: str = "mse"
+    center: bool = False
+
+
+def layer_fidelities(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches,
+    num_batches: int,
+    spectrum: SpectrumOptions,
+    ae_opts: AutoencoderOptions,
+    chunk_size: int | None,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Fidelity (C,) of every output channel of every layer in `layers`, averaged over the calibration images.
+
+    `batches()` must yield the same images each time it is called (pass 1 draws the autoencoders' training
+    spectra, pass 2 scores every spectrum).
+    """
+    per_batch = math.ceil(ae_opts.samples / max(num_batches, 1))
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def collect(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        fx, fy = layer_planes(x, y, spectrum)
+        samples[name].append(sample_spectra(fx, fy, per_batch, spectrum, generator))
+
+    _run_with_hooks(model, layers, batches(), collect, spectrum.output)
+    missing = [name for name, s in samples.items() if not s]
+    if missing:
+        raise CompressError(f"method: layers never ran in the forward pass: {', '.join(missing[:5])}")
+
+    autoencoders = {
+        name: train_autoencoder(
+            torch.cat(samples[name])[: ae_opts.samples],
+            bottleneck_width(samples[name][0].shape[-1], ae_opts.hidden, ae_opts.ratio),
+            ae_opts.epochs,
+            ae_opts.lr,
+            ae_opts.batch_size,
+            generator,
+            ae_opts.loss,
+            ae_opts.center,
+        )
+        for name in layers
+    }
+    samples.clear()
+
+    sums: dict[str, torch.Tensor] = {}
+    counts = {name: 0 for name in layers}
+
+    def score(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        fx, fy = layer_planes(x, y, spectrum)
+        total = fidelity_sums(fx, fy, autoencoders[name], spectrum, chunk_size).cpu()
+        sums[name] = sums[name] + total if name in sums else total
+        counts[name] += x.shape[0]
+
+    _run_with_hooks(model, layers, batches(), score, spectrum.output)
+    return {name: sums[name] / counts[name] for name in layers}
+
+
+# -- the method ------------------------------------------------------------------------------------------------
+def _check_choice(key: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise CompressError(f"method.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _check_int(key: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CompressError(f"method.{key}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_number(key: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        raise CompressError(f"method.{key}: must be a {'positive ' if positive else ''}number, got {value!r}")
+    return float(value)
+
+
+@register
+class SCAP(StructuredPruning):
+    """SCAP: prune the output channels whose spectral interaction field an autoencoder reconstructs well.
+
+    `threshold` is on the fidelity scale: a channel is pruned when `fidelity - l1_weight * l1n` exceeds it
+    (the engine gets `1 - threshold` on the keep-score scale `1 - fidelity + l1_weight * l1n`). With a
+    threshold, `compress_rate` caps the fraction removed per channel group (1.0: no cap, the engine still
+    keeps one channel); with `threshold: null` the rate spec alone sets how many channels go.
+    """
+
+    name = "scap"
+
+    def __init__(
+        self,
+        threshold: float | None = 0.6,
+        compress_rate=1.0,
+        l1_weight: float = 0.0,
+        spectrum: str = "log",
+        output: str = "relu",
+        resize: str = "nearest",
+        balance: str = "channel",
+        ae_hidden: int = 8,
+        ae_ratio: float = 0.25,
+        ae_epochs: int = 30,
+        ae_lr: float = 1e-3,
+        ae_batch_size: int = 256,
+        ae_samples: int = 4096,
+        ae_loss: str = "mse",
+        ae_center: bool = False,
+        batches: int = 4,
+        batch_size: int = 64,
+        chunk_size: int | None = 8,
+        **common,
+    ):
+        if threshold is not None:
+            threshold = _check_number("threshold", threshold)
+        super().__init__(compress_rate=compress_rate, threshold=None if threshold is None else 1.0 - threshold, **common)
+        self.fidelity_threshold = threshold
+        self.l1_weight = _check_number("l1_weight", l1_weight)
+        self.spectrum_opts = SpectrumOptions(
+            spectrum=_check_choice("spectrum", spectrum, SPECTRA),
+            resize=_check_choice("resize", resize, RESIZE_MODES),
+            balance=_check_choice("balance", balance, BALANCES),
+            output=_check_choice("output", output, OUTPUTS),
+        )
+        if not isinstance(ae_center, bool):
+            raise CompressError(f"method.ae_center: must be true or false, got {ae_center!r}")
+        self.ae_opts = AutoencoderOptions(
+            hidden=_check_int("ae_hidden", ae_hidden),
+            ratio=_check_number("ae_ratio", ae_ratio, positive=True),
+            epochs=_check_int("ae_epochs", ae_epochs, 0),
+            lr=_check_number("ae_lr", ae_lr, positive=True),
+            batch_size=_check_int("ae_batch_size", ae_batch_size),
+            samples=_check_int("ae_samples", ae_samples),
+            loss=_check_choice("ae_loss", ae_loss, AE_LOSSES),
+            center=ae_center,
+        )
+        self.batches = _check_int("batches", batches)
+        self.batch_size = _check_int("batch_size", batch_size)
+        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size)
+
+    def fidelities(self, model: nn.Module, ctx, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Fidelity (C,) per layer, averaged over `batches` x `batch_size` calibration images (seeded by ctx.seed)."""
+        generator = torch.Generator().manual_seed(int(ctx.seed))
+        return layer_fidelities(
+            model,
+            layers,
+            lambda: ctx.calibration_batches(self.batches, self.batch_size),
+            self.batches,
+            self.spectrum_opts,
+            self.ae_opts,
+            self.chunk_size,
+            generator,
+        )
+
+    def channel_scores(self, model, ctx, layers):
+        fidelity = self.fidelities(model, ctx, layers)
+        return {
+            name: keep_scores(fidelity[name], layer_l1(conv.weight).cpu(), self.l1_weight) for name, conv in layers.items()
+        }

@@ -1,0 +1,273 @@
+"""Channel-pruning surgery through Torch-Pruning's dependency graph.
+
+`PruningPlan.build` traces the model once and lists its channel groups: the output channels of a conv
+plus everything tied to them (its BatchNorm, the next layers' input channels, the other convs added to it
+by residual connections, concatenation offsets). A group is named after its first conv in module order;
+`members` are the convs whose output channels belong to it. `prune_groups` removes, in every group, the
+channels with the lowest scores, and the model stays an ordinary nn.Module with smaller layers.
+
+The CIFAR ResNets' parameter-free option-A shortcut (`ShortcutA`) gets its own Torch-Pruning pruner: its
+input channels (the stream of one stage) and output channels (the stream of the next) prune
+independently, and it keeps an explicit routing of the surviving channel pairs.
+
+`structure_meta` / `restore_structure` save and rebuild the pruned shapes for `model.pt`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress import CompressError
+from compress.models.cifar_resnet import ShortcutA
+from compress.prune import layouts
+from compress.prune.rates import KEY, RateSpec, keep_count
+
+META_FORMAT = "structured-pruning/1"
+
+
+# -- ShortcutA under Torch-Pruning ------------------------------------------------------------------------
+def _remove_positions(index: torch.Tensor, removed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For routes reading positions `index`: which routes survive the removal of positions `removed`
+    (bool mask), and their positions renumbered after the removal."""
+    removed_t = torch.as_tensor(sorted(set(int(i) for i in removed)), dtype=torch.long, device=index.device)
+    alive = ~torch.isin(index, removed_t)
+    shifted = index[alive] - torch.searchsorted(removed_t, index[alive])
+    return alive, shifted
+
+
+class ShortcutAPruner(tp.pruner.BasePruningFunc):
+    """Input and output channels of a ShortcutA prune independently (no intra-layer coupling)."""
+
+    def prune_out_channels(self, layer: ShortcutA, idxs: Sequence[int]) -> ShortcutA:
+        alive, out_index = _remove_positions(layer.out_index, idxs)
+        layer.set_routes(layer.in_channels, layer.out_channels - len(set(idxs)), layer.in_index[alive], out_index)
+        return layer
+
+    def prune_in_channels(self, layer: ShortcutA, idxs: Sequence[int]) -> ShortcutA:
+        alive, in_index = _remove_positions(layer.in_index, idxs)
+        layer.set_routes(layer.in_channels - len(set(idxs)), layer.out_channels, in_index, layer.out_index[alive])
+        return layer
+
+    def get_out_channels(self, layer: ShortcutA) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: ShortcutA) -> int:
+        return layer.in_channels
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def route_shortcuts(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Turn every ShortcutA still in padding form into explicit routes (widths seen in one forward)."""
+    pending = [m for m in model.modules() if isinstance(m, ShortcutA) and not m.routed]
+    if not pending:
+        return
+    seen: dict[int, int] = {}
+    handles = [m.register_forward_pre_hook(lambda m, inp: seen.__setitem__(id(m), inp[0].shape[1])) for m in pending]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=_model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for module in pending:
+        if id(module) in seen:
+            module.set_padding_routes(seen[id(module)])
+        module.to(_model_device(model))
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+@dataclass
+class PruningPlan:
+    """Channel groups of one model and the rate the spec gives each (0 = not pruned)."""
+
+    model: nn.Module
+    graph: tp.DependencyGraph
+    convs: dict[str, nn.Conv2d]  # every conv of the model by name
+    members: dict[str, list[str]]  # group name -> convs whose output channels form the group
+    channels: dict[str, int]  # group name -> current number of channels
+    rates: dict[str, float] = field(default_factory=dict)  # group name -> fraction to remove
+
+    @classmethod
+    def build(cls, model: nn.Module, input_shape: tuple[int, ...], spec: RateSpec) -> "PruningPlan":
+        """Trace `model` (one image of `input_shape`) and assign the rates of `spec` to its groups. With
+        the list notation the architecture's layout may first reroute a shortcut (see layouts)."""
+        if spec.listed is not None:
+            layouts.decouple_for_list(model)
+        route_shortcuts(model, input_shape)
+        example = torch.randn(1, *input_shape, device=_model_device(model))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example, customized_pruners={ShortcutA: ShortcutAPruner()}, verbose=False
+                )
+        finally:
+            model.train(was_training)
+        convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        name_of = {id(m): name for name, m in convs.items()}
+        members: dict[str, list[str]] = {}
+        grouped: set[str] = set()
+        for name, conv in convs.items():
+            if name in grouped or conv not in graph.module2node:
+                continue
+            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0])
+            tied = {
+                name_of[id(dep.target.module)]
+                for dep, _ in group
+                if id(dep.target.module) in name_of and graph.is_out_channel_pruning_fn(dep.handler)
+            }
+            ordered = [n for n in convs if n in tied]
+            members[ordered[0]] = ordered
+            grouped.update(ordered)
+        plan = cls(model, graph, convs, members, {g: convs[g].out_channels for g in members})
+        plan.rates = plan._rates_of(spec)
+        return plan
+
+    def _rates_of(self, spec: RateSpec) -> dict[str, float]:
+        if spec.uniform is not None:
+            return {g: spec.uniform for g in self.members}
+        if spec.patterns is not None:
+            return {g: spec.pattern_rate(names) or 0.0 for g, names in self.members.items()}
+        by_conv = layouts.listed_rates(self.model, list(spec.listed))
+        rates: dict[str, float] = {}
+        for group, names in self.members.items():
+            found = {by_conv[n] for n in names if n in by_conv}
+            if len(found) > 1:
+                raise CompressError(f"{KEY}: convolutions {', '.join(names)} share channels but get rates {sorted(found)}")
+            rates[group] = found.pop() if found else 0.0
+        return rates
+
+    def target_keep(self, original: dict[str, int] | None = None) -> dict[str, int]:
+        """Channels each pruned group keeps under the rate spec, relative to its `original` width
+        (default: its current width)."""
+        original = original or {}
+        return {g: keep_count(original.get(g, self.channels[g]), r) for g, r in self.rates.items() if r > 0}
+
+    def group_scores(self, scores: dict[str, torch.Tensor], groups: list[str]) -> dict[str, torch.Tensor]:
+        """Average the per-conv scores over each group's convs (NaN counts as the lowest score)."""
+        out = {}
+        for group in groups:
+            stacked = []
+            for name in self.members[group]:
+                if name not in scores:
+                    raise CompressError(f"method: the criterion returned no scores for layer '{name}'")
+                score = torch.as_tensor(scores[name]).detach().float().cpu().flatten()
+                if score.numel() != self.channels[group]:
+                    raise CompressError(
+                        f"method: scores of layer '{name}' have {score.numel()} values for {self.channels[group]} channels"
+                    )
+                stacked.append(score)
+            out[group] = torch.nan_to_num(torch.stack(stacked).mean(0), nan=-torch.inf)
+        return out
+
+    def keep_counts(self, targets: dict[str, int], scores: dict[str, torch.Tensor], threshold: float | None) -> dict[str, int]:
+        """Channels to keep: the rate targets, or with a threshold the channels scoring >= threshold
+        (never fewer than the rate target allows, never fewer than one). Groups without scores keep
+        their target."""
+        if threshold is None:
+            return dict(targets)
+        return {g: max(keep, int((scores[g] >= threshold).sum())) if g in scores else keep for g, keep in targets.items()}
+
+
+def prune_groups(model: nn.Module, plan: PruningPlan, scores: dict[str, torch.Tensor], keep: dict[str, int]) -> None:
+    """Remove the lowest-scoring channels of each group down to `keep[group]` channels (ties: lower index
+    pruned first, so the result is deterministic)."""
+    for group, count in keep.items():
+        current = plan.channels[group]
+        if count >= current:
+            continue
+        order = torch.sort(scores[group], stable=True).indices
+        remove = order[: current - max(1, count)].tolist()
+        plan.graph.get_pruning_group(plan.convs[group], tp.prune_conv_out_channels, remove).prune()
+        plan.channels[group] = plan.convs[group].out_channels
+
+
+def describe(model: nn.Module, plan: PruningPlan, original: dict[str, int]) -> str:
+    changed = [f"{g} {original.get(g, c)}->{c}" for g, c in plan.channels.items() if original.get(g, c) != c]
+    params = sum(p.numel() for p in model.parameters())
+    return f"{params / 1e6:.3f}M params left; channels " + ", ".join(changed)
+
+
+# -- persistence ------------------------------------------------------------------------------------------
+def structure_meta(model: nn.Module) -> dict:
+    """Plain data that, with the state dict, rebuilds the pruned structure: the routing of every routed
+    ShortcutA and the groups of grouped convs (all other shapes are read from the state dict)."""
+    shortcuts = {
+        name: {
+            "stride": m.stride,
+            "in_channels": m.in_channels,
+            "out_channels": m.out_channels,
+            "in_index": m.in_index.tolist(),
+            "out_index": m.out_index.tolist(),
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, ShortcutA) and m.routed
+    }
+    grouped = {name: m.groups for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups != 1}
+    return {"format": META_FORMAT, "shortcuts": shortcuts, "conv_groups": grouped}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _shape(state_dict: dict[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
+    return tuple(state_dict[key].shape) if key in state_dict else None
+
+
+def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize every Conv2d / BatchNorm / Linear of a freshly built `model` to the shapes in `state_dict`
+    and install the ShortcutA routes of `meta`, so that `model.load_state_dict(state_dict)` fits."""
+    if meta.get("format") != META_FORMAT:
+        raise CompressError(f"arch.checkpoint: not a structured-pruning checkpoint (meta format {meta.get('format')!r})")
+    conv_groups = meta.get("conv_groups", {})
+    for name, module in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Conv2d):
+            shape = _shape(state_dict, prefix + "weight")
+            groups = int(conv_groups.get(name, 1))
+            if shape is not None and (shape[0], shape[1] * groups, groups) != (module.out_channels, module.in_channels, module.groups):
+                _set_module(model, name, _resized_conv(module, shape[1] * groups, shape[0], groups))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shape = _shape(state_dict, prefix + "running_mean") or _shape(state_dict, prefix + "weight")
+            if shape is not None and shape[0] != module.num_features:
+                _set_module(model, name, _resized_batchnorm(module, shape[0]))
+        elif isinstance(module, nn.Linear):
+            shape = _shape(state_dict, prefix + "weight")
+            if shape is not None and shape != (module.out_features, module.in_features):
+                new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
+                _set_module(model, name, new.to(module.weight.device, module.weight.dtype))
+    for name, spec in meta.get("shortcuts", {}).items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CompressError(f"arch.checkpoint: pruned model has a shortcut '{name}' this architecture lacks") from exc
+        shortcut = current if isinstance(current, ShortcutA) else ShortcutA(0, 0, stride=int(spec["stride"]))
+        shortcut.set_routes(spec["in_channels"], spec["out_channels"], spec["in_index"], spec["out_index"])
+        _set_module(model, name, shortcut.to(_model_device(model)))
+    return model
+
+
+def _resized_conv(old: nn.Conv2d, in_channels: int, out_channels: int, groups: int) -> nn.Conv2d:
+    new = nn.Conv2d(
+        in_channels, out_channels, old.kernel_size, old.stride, old.padding, old.dilation, groups,
+        bias=old.bias is not None, padding_mode=old.padding_mode,
+    )
+    return new.to(old.weight.device, old.weight.dtype)
+
+
+def _resized_batchnorm(old: nn.modules.batchnorm._BatchNorm, features: int) -> nn.Module:
+    new = type(old)(features, eps=old.eps, momentum=old.momentum, affine=old.affine, track_running_stats=old.track_running_stats)
+    return new.to(old.weight.device if old.weight is not None else "cpu")

@@ -1,0 +1,103 @@
+"""Per-channel scores computed from feature maps, collected with forward hooks in one pass per batch.
+
+Data-driven pruning criteria (HRank, CFDP, ...) look at what each output channel of a layer produces on
+calibration images. `feature_scores` runs the model once per batch with hooks on every layer at the same
+time and hands each layer's maps to a scoring function, so the cost is one forward pass per batch however
+many layers are scored, and no feature map outlives its hook.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress import CompressError
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+FEATURES = ("conv", "relu")
+
+
+def feature_scores(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[torch.Tensor],
+    score_fn: ScoreFn,
+    feature: str = "conv",
+) -> dict[str, torch.Tensor]:
+    """Average per-channel scores of the feature maps of `layers` over all images of `batches`.
+
+    Args:
+        model: the network; it is run in eval mode under no_grad (its training flag is restored after).
+        layers: name -> module (usually the nn.Conv2d layers to prune, as in `model.named_modules()`).
+        batches: input batches (N, C, H, W) already on the model's device and normalised.
+        score_fn: maps a layer's feature maps `(N, C, H, W)` float -> `(C,)`, the MEAN score of each
+            channel over the N images of that batch (e.g. `lambda m: m.abs().mean((0, 2, 3))`).
+            It is called inside the hook, once per layer and batch.
+        feature: which maps a layer's channels are judged by:
+            "conv": the layer's own output;
+            "relu": relu(BatchNorm(conv output)), the BatchNorm being the module that receives the conv's
+                output tensor directly (found during the same forward pass, not from names). A layer
+                that feeds no BatchNorm is judged by relu(its own output).
+
+    Returns:
+        name -> float32 CPU tensor (C,): the batch scores averaged over all images, each batch weighted by
+        its number of images. Every name of `layers` is present.
+
+    Raises:
+        CompressError: unknown `feature`, no batches, or a layer that never ran in the forward pass.
+    """
+    if feature not in FEATURES:
+        raise CompressError(f"method.feature: must be one of {', '.join(FEATURES)}, got '{feature}'")
+    module_names = {id(module): name for name, module in layers.items()}
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {name: 0 for name in layers}
+    # Outputs of the hooked layers in the current batch, by tensor identity, waiting for a BatchNorm.
+    pending: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def accumulate(name: str, maps: torch.Tensor) -> None:
+        score = score_fn(maps.float()).detach().to("cpu", torch.float32) * maps.shape[0]
+        totals[name] = totals[name] + score if name in totals else score
+        counts[name] += maps.shape[0]
+
+    def on_layer(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        name = module_names[id(module)]
+        if feature == "conv":
+            accumulate(name, output)
+        else:
+            pending[id(output)] = (name, output)  # keep the tensor alive so its id cannot be reused
+
+    def on_batchnorm(_module: nn.Module, inputs, output: torch.Tensor) -> None:
+        entry = pending.pop(id(inputs[0]), None)
+        if entry is not None:
+            accumulate(entry[0], F.relu(output))
+
+    handles = [module.register_forward_hook(on_layer) for module in layers.values()]
+    if feature == "relu":
+        handles += [
+            module.register_forward_hook(on_batchnorm)
+            for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        ]
+    was_training = model.training
+    model.eval()
+    seen_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                for name, output in pending.values():  # layers not followed by a BatchNorm
+                    accumulate(name, F.relu(output))
+                pending.clear()
+                seen_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen_batches == 0:
+        raise CompressError("method.batches: no calibration batches were given")
+    missing = [name for name, count in counts.items() if count == 0]
+    if missing:
+        raise CompressError(f"method: layers never ran in the forward pass: {', '.join(missing[:5])}")
+    return {name: totals[name] / counts[name] for name in layers}

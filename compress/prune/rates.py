@@ -1,0 +1,113 @@
+"""Rate specs: how many output channels each prunable layer loses.
+
+Three forms of `method.compress_rate` (fraction of channels to REMOVE, in [0, 1]):
+- a float: every prunable channel group;
+- a dict of layer-name glob patterns -> float (`{"layer3.*.conv1": 0.5, "*": 0.2}`), matched with
+  fnmatch against the names of the convolutions of a group; the first pattern (in the dict's order) that
+  matches any of them gives the group's rate; unmatched groups are not pruned;
+- the HRank/CFDP per-architecture list notation, as a string: `"[0.]+[0.18]*29"`, parsed by the tiny
+  grammar below (never evaluated) and mapped to layers by `compress.prune.layouts`.
+The number of channels a group keeps is `keep_count(channels, rate)`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from compress import CompressError
+
+KEY = "method.compress_rate"
+
+# list   := term ('+' term)*
+# term   := '[' number (',' number)* ']' ('*' int)?
+_TERM = re.compile(r"\[\s*([^\[\]]*?)\s*\]\s*(?:\*\s*(\d+))?")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def parse_rate_list(text: str, key: str = KEY) -> list[float]:
+    """Parse `"[0.]+[0.18]*29"`-style notation into a list of floats (here: 30 values).
+
+    Grammar: terms joined by '+'; a term is a bracketed, comma-separated list of numbers, optionally
+    repeated with '*<int>'. Whitespace is ignored. Every rate must lie in [0, 1].
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CompressError(f"{key}: expected a rate list such as '[0.]+[0.18]*29', got {text!r}")
+    rates: list[float] = []
+    for part in text.split("+"):
+        part = part.strip()
+        match = _TERM.fullmatch(part)
+        if match is None:
+            raise CompressError(f"{key}: cannot parse '{part}' in '{text}' (expected '[numbers]' or '[numbers]*count')")
+        items = [item.strip() for item in match.group(1).split(",")]
+        if not all(_NUMBER.fullmatch(item) for item in items):
+            raise CompressError(f"{key}: '{part}' must hold comma-separated numbers")
+        repeat = int(match.group(2)) if match.group(2) is not None else 1
+        if repeat == 0:
+            raise CompressError(f"{key}: '{part}' repeats zero times")
+        rates += [float(item) for item in items] * repeat
+    for rate in rates:
+        check_rate(rate, key)
+    return rates
+
+
+def check_rate(rate: Any, key: str = KEY) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
+        raise CompressError(f"{key}: rates must be numbers in [0, 1], got {rate!r}")
+    return float(rate)
+
+
+def keep_count(channels: int, rate: float) -> int:
+    """Channels kept when `rate` of `channels` is removed: int(channels * (1 - rate)), never fewer than 1.
+
+    Plain float truncation exactly as HRank's code computes widths, float error included: 1 - 0.8 is
+    0.19999999999999996, so 320 channels at rate 0.8 keep 63, not 64 (GoogLeNet a5 in the papers)."""
+    return max(1, min(channels, int(channels * (1.0 - rate))))
+
+
+@dataclass(frozen=True)
+class RateSpec:
+    """A parsed `compress_rate`: exactly one of `uniform`, `patterns`, `listed` is set."""
+
+    uniform: float | None = None
+    patterns: tuple[tuple[str, float], ...] | None = None
+    listed: tuple[float, ...] | None = None
+    text: str = ""
+
+    @classmethod
+    def parse(cls, value: Any, key: str = KEY) -> "RateSpec":
+        if isinstance(value, RateSpec):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(uniform=check_rate(value, key), text=str(value))
+        if isinstance(value, str):
+            stripped = value.strip()
+            if _NUMBER.fullmatch(stripped):
+                return cls(uniform=check_rate(float(stripped), key), text=stripped)
+            return cls(listed=tuple(parse_rate_list(stripped, key)), text=stripped)
+        if isinstance(value, dict):
+            if not value:
+                raise CompressError(f"{key}: the pattern dict is empty")
+            patterns = []
+            for pattern, rate in value.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise CompressError(f"{key}: pattern keys must be layer-name globs, got {pattern!r}")
+                patterns.append((pattern, check_rate(rate, f"{key}.{pattern}")))
+            return cls(patterns=tuple(patterns), text=str(dict(value)))
+        if isinstance(value, (list, tuple)):
+            rates = tuple(check_rate(rate, key) for rate in value)
+            if not rates:
+                raise CompressError(f"{key}: the rate list is empty")
+            return cls(listed=rates, text=str(list(rates)))
+        raise CompressError(
+            f"{key}: expected a float, a dict of layer patterns, or a list such as '[0.]+[0.18]*29'; got {value!r}"
+        )
+
+    def pattern_rate(self, layer_names: Iterable[str]) -> float | None:
+        """Rate of the first pattern matching any of `layer_names` (None: no pattern matches)."""
+        names = list(layer_names)
+        for pattern, rate in self.patterns or ():
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                return rate
+        return None
