@@ -50,7 +50,19 @@ def _precheck(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:
         _fail(f"could not parse overrides: {_hydra_message(e)}")
-    plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    plain = []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if not o.is_sweep_override():
+            plain.append(o.input_line)
+        elif isinstance(o.value(), ChoiceSweep):
+            # A sweep a,b,c: its first job's value stands for all (Hydra checks each job again).
+            plain.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            return  # glob() / range() sweeps need Hydra's own expansion: leave every check to it
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
             compose(config_name="config", overrides=plain)

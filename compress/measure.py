@@ -98,3 +98,16 @@ def own_class(module: nn.Module) -> None:
     cls = type(module)
     body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
+@torch.no_grad()
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy that also works after a training forward pass: torch.nn.utils.prune keeps the masked
+    weight as a computed (non-leaf) tensor, which deepcopy refuses, so recompute it without a graph first."""
+    from torch.nn.utils import prune
+
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(module, hook._tensor_name, hook.apply_mask(module))
+    return copy.deepcopy(model)

@@ -60,8 +60,8 @@ def validate(cfg: dict) -> None:
         _check(num("label_smoothing") and 0 <= s["label_smoothing"] < 1, f"{group}.label_smoothing",
                f"must be in [0, 1), got {s['label_smoothing']!r}")
         _check(isinstance(s["rounds"], int) and s["rounds"] >= 0, f"{group}.rounds", f"must be an integer >= 0, got {s['rounds']!r}")
-        _check(isinstance(s["round_epochs"], int) and s["round_epochs"] >= 0, f"{group}.round_epochs",
-               f"must be an integer >= 0, got {s['round_epochs']!r}")
+        for key in ("round_epochs", "prepare_epochs"):
+            _check(isinstance(s[key], int) and s[key] >= 0, f"{group}.{key}", f"must be an integer >= 0, got {s[key]!r}")
         _check(s["on_rollback"] in ("stop", "shrink"), f"{group}.on_rollback", f"must be stop or shrink, got {s['on_rollback']!r}")
         _check(num("shrink_factor") and 0 < s["shrink_factor"] < 1, f"{group}.shrink_factor",
                f"must be in (0, 1), got {s['shrink_factor']!r}")
@@ -104,6 +104,7 @@ def smoke_overrides(cfg: dict) -> dict:
     for group in ("schedule", "pretrain"):
         s = cfg[group]
         s.update(epochs=min(s["epochs"], 1), round_epochs=min(s["round_epochs"], 1), rounds=min(s["rounds"], 2),
+                 prepare_epochs=min(s["prepare_epochs"], 1),
                  max_batches=2, batch_size=min(s["batch_size"], 16), compile=False)
     cfg["measure"]["latency"] = False
     return cfg
@@ -260,7 +261,7 @@ class Run:
                "val_top1": round(val["top1"], 3), "params": measure.count_params(model),
                "params_nonzero": measure.count_nonzero(model), "macs": measure.count_macs(model, shape)}
         if self.cfg["measure"]["latency"]:
-            deploy = measure.deployable(self.method.export(copy.deepcopy(model)))
+            deploy = measure.deployable(self.method.export(measure.clone(model)))
             reps = self.cfg["measure"]["latency_repeats"]
             row["latency_ms_b1"] = round(measure.latency_ms(deploy, shape, 1, reps), 3)
             row["latency_ms_b64"] = round(measure.latency_ms(deploy, shape, 64, reps), 3)
@@ -309,7 +310,7 @@ class Run:
         while not self.state.get("rounds_over") and self.state.get("round", 0) < s["rounds"]:
             k = self.state.get("round", 0) + 1
             started = time.perf_counter()
-            snapshot, method_state = copy.deepcopy(model), copy.deepcopy(self.method.state_dict())
+            snapshot, method_state = measure.clone(model), copy.deepcopy(self.method.state_dict())
             candidate = self.method.step(model, ctx, k, self.state.get("step_scale", 1.0))
             if candidate is None:
                 log.info("round %d: the method has nothing left to compress; schedule ends", k)
@@ -381,6 +382,11 @@ class Run:
             # A method that leaves the model untouched (method=none) gets the measurement just taken.
             row = self._same_as_last("compressed", started) if unchanged else self.measure_row("compressed", model, started)
             self._record(row, model)
+        if iterative and cfg["schedule"]["prepare_epochs"] > 0 and not self._done("round_0"):
+            # Recover from `prepare` (e.g. layer conversion) before pruning rounds are judged by the threshold.
+            started = time.perf_counter()
+            model = self._fit(model, dict(cfg["schedule"], epochs=cfg["schedule"]["prepare_epochs"]), "round_0")
+            self._record(self.measure_row("round_0", model, started, "accepted"), model)
         if iterative:
             model = self._rounds(model, ctx)
         started = time.perf_counter()

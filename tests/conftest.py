@@ -31,5 +31,5 @@ def compress_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict |
 @pytest.fixture
 def quick_args(tmp_path: Path) -> list[str]:
     """A fast run on the synthetic data set: random weights (pretraining 0 epochs, cached in tmp)."""
-    return ["dataset=synthetic", "arch.checkpoint=null", "pretrain.epochs=0", f"paths.cache={tmp_path / 'cache'}",
+    return ["dataset=synthetic", "arch=resnet20", "method=none", "arch.checkpoint=null", "pretrain.epochs=0", f"paths.cache={tmp_path / 'cache'}",
             "measure.latency=false", "schedule.batch_size=64", "threads=1"]

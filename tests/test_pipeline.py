@@ -165,7 +165,8 @@ def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args):
     # An unreachable threshold: every round (which zeroes all conv weights) is rolled back.
     cfg = compose_cfg([a for a in quick_args if not a.startswith("threads")] + [
         "method.name=_perturb_test", "schedule.rounds=3", "schedule.round_epochs=1", "schedule.max_batches=2",
-        "schedule.epochs=0", "schedule.min_top1=100", "schedule.on_rollback=shrink", "schedule.max_rollbacks=1"])
+        "schedule.epochs=0", "schedule.min_top1=100", "schedule.on_rollback=shrink", "schedule.max_rollbacks=1",
+        "schedule.prepare_epochs=0"])
     run = Run(cfg, tmp_path / "run")
     _Perturb.scales.clear()
     run.execute()
@@ -179,6 +180,15 @@ def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args):
     final = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert pretrained.keys() == final.keys()
     assert all(torch.equal(pretrained[k], final[k]) for k in pretrained)
+
+
+def test_prepare_epochs_fine_tune_before_the_rounds(tmp_path, quick_args):
+    cfg = compose_cfg([a for a in quick_args if not a.startswith("threads")] + [
+        "method.name=_perturb_test", "schedule.rounds=1", "schedule.round_epochs=0", "schedule.prepare_epochs=1",
+        "schedule.max_batches=2", "schedule.epochs=0"])
+    Run(cfg, tmp_path / "run").execute()
+    assert [(r["stage"], r["status"]) for r in rows(tmp_path / "run")] == [
+        ("baseline", ""), ("compressed", ""), ("round_0", "accepted"), ("round_1", "accepted"), ("final", "")]
 
 
 def test_report_gathers_runs(tmp_path, quick_args):

@@ -60,3 +60,11 @@ def test_googlenet_hrank_layout_matches_papers():
     assert widths["inception_b5.branch3x3.3"][1] == 384 and widths["inception_b5.branch5x5.6"][1] == 128
     assert model.linear.in_features == 1024
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_paper_rate_is_the_tables_list_for_the_architecture():
+    assert count_params(pruned("resnet56", "paper")) == count_params(pruned("resnet56", "[0.]+[0.18]*29"))
+    from compress import CompressError
+
+    with pytest.raises(CompressError, match="method.compress_rate: 'paper' .* not resnet20"):
+        pruned("resnet20", "paper")

@@ -115,9 +115,9 @@ def axis_operator(variant: str, n: int, block: int, sigma: float, truncate: floa
 def _check(variant: str, lam: float, block: int, sigma: float, truncate: float) -> None:
     if variant not in VARIANTS:
         raise CompressError(f"method.variant: must be one of {', '.join(VARIANTS)}, got '{variant}'")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise CompressError(f"method.lam: must be a finite number >= 0, got {lam!r}")
-    if not (isinstance(block, int) and block >= 1):
+    if isinstance(block, bool) or not (isinstance(block, int) and block >= 1):
         raise CompressError(f"method.block: must be an integer >= 1, got {block!r}")
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
         raise CompressError(f"method.sigma: must be a finite number >= 0, got {sigma!r}")
@@ -175,7 +175,7 @@ def channel_scores(
     freq = frequency_maps(feature_maps, variant, block=block, sigma=sigma, truncate=truncate).flatten(-2)
     mean = freq.mean(-1, keepdim=True)  # over all H*W coefficients, uncovered zeros included
     above = freq > mean if variant == "reference" else freq >= mean
-    dist = torch.count_nonzero(above, dim=-1).to(freq.dtype) / freq.shape[-1]  # faster than bool .sum
+    dist = torch.count_nonzero(above, dim=-1).to(freq.dtype) / freq.shape[-1]
     spectral = torch.linalg.vector_norm(freq, dim=-1)
     spatial = torch.linalg.vector_norm(feature_maps, dim=(-2, -1))
     return (dist * spectral + lam * spatial).mean(0)

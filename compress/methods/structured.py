@@ -40,7 +40,7 @@ from compress.methods import register
 from compress.prune import engine
 from compress.prune.features import FEATURES, feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
-from compress.prune.rates import RateSpec
+from compress.prune.rates import RateSpec, paper_rate
 
 
 class StructuredPruning(Method):
@@ -69,7 +69,8 @@ class StructuredPruning(Method):
         **params: Any,
     ):
         super().__init__(**params)
-        self.rates = RateSpec.parse(compress_rate)
+        # "paper" is resolved against the architecture when the model arrives.
+        self.rates = None if compress_rate == "paper" else RateSpec.parse(compress_rate)
         if threshold is not None and not isinstance(threshold, (int, float)):
             raise CompressError(f"method.threshold: must be a number or null, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
@@ -132,6 +133,8 @@ class StructuredPruning(Method):
 
     # -- internals --------------------------------------------------------------------------------------
     def _plan(self, model: nn.Module, ctx: Context) -> "engine.PruningPlan":
+        if self.rates is None:
+            self.rates = RateSpec.parse(paper_rate(ctx.arch))
         plan = engine.PruningPlan.build(model, ctx.input_shape, self.rates)
         for group, channels in plan.channels.items():
             self._original_channels.setdefault(group, channels)

@@ -20,6 +20,21 @@ from compress import CompressError
 
 KEY = "method.compress_rate"
 
+# `compress_rate: paper`: the rate lists the HRank/CFDP tables compare at, per architecture.
+PAPER_RATES = {
+    "resnet56": "[0.]+[0.18]*29",
+    "vgg16_bn": "[0.21]*7+[0.75]*5",
+    "googlenet": "[0.3]+[0.6]*2+[0.7]*5+[0.8]*2",
+    "resnet50_imagenet": "[0.]+[0.1]*3+[0.35]*16",
+}
+
+
+def paper_rate(arch: str, key: str = KEY) -> str:
+    if arch not in PAPER_RATES:
+        raise CompressError(f"{key}: 'paper' names the CFDP/HRank tables' rates, which exist for "
+                            f"{', '.join(PAPER_RATES)} only, not {arch}; give a rate")
+    return PAPER_RATES[arch]
+
 # list   := term ('+' term)*
 # term   := '[' number (',' number)* ']' ('*' int)?
 _TERM = re.compile(r"\[\s*([^\[\]]*?)\s*\]\s*(?:\*\s*(\d+))?")

@@ -1,0 +1,28 @@
+"""`pip install .` (not only editable) ships the configs: a built wheel composes every experiment."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import REPO
+
+
+def test_wheel_carries_configs_and_composes_from_any_directory(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path / "whl")],
+                   check=True, capture_output=True, timeout=300)
+    wheel, = (tmp_path / "whl").glob("compress-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    shipped = {n for n in names if n.startswith("compress/configs/") and n.endswith(".yaml")}
+    in_repo = {f"compress/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
+    assert shipped == in_repo
+    code = ("import compress, sys; assert compress.__file__.startswith(sys.argv[1]), compress.__file__\n"
+            "from hydra import compose, initialize_config_module\n"
+            "with initialize_config_module(config_module='compress.configs', version_base='1.3'):\n"
+            "    c = compose(config_name='config', overrides=['experiment=cfdp_resnet56'])\n"
+            "print(c.method.name, c.arch.name)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, check=True,
+                         capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.split() == ["cfdp", "resnet56"]
