@@ -88,14 +88,17 @@ def build_method(params: dict) -> Method:
     name = params.get("name")
     cls = methods.get(name)
     kwargs = {k: v for k, v in params.items() if k != "name"}
-    sig = inspect.signature(cls.__init__)
-    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) or cls.__init__ is Method.__init__:
-        accepted = {k for k in sig.parameters if k != "self"}
-        for key in kwargs:
-            if key not in accepted:
-                raise CompressError(f"method.{key}: not an option of method '{name}'"
-                                    + (f" (options: {', '.join(sorted(accepted))})" if accepted else ""))
-    return cls(**kwargs)
+    # Constructors reject unknown keys themselves (Method.__init__ with a CompressError); a plain
+    # TypeError from a signature without **kwargs is turned into the same one-line error.
+    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        unknown = next((k for k in kwargs if k not in accepted), None)
+        if unknown is None:
+            raise
+        raise CompressError(f"method.{unknown}: not an option of method '{name}' (options: {', '.join(accepted)})") from e
 
 
 def smoke_overrides(cfg: dict) -> dict:
@@ -175,7 +178,8 @@ class Run:
         return Context(device=self.device, arch=self.arch, num_classes=self.data.num_classes,
                        input_shape=self.data.image_shape, seed=self.cfg["seed"], log=log,
                        calibration=self._calibration,
-                       evaluate=lambda m: self._evaluate(m, self.data.val, "val")["top1"])
+                       evaluate=lambda m: self._evaluate(m, self.data.val, "val")["top1"],
+                       quick=bool(self.cfg.get("smoke")))
 
     def _evaluate(self, model: nn.Module, split, desc: str) -> dict:
         return train.evaluate(model, split, self.device, self.cfg["measure"]["eval_batch_size"],

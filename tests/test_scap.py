@@ -238,3 +238,20 @@ def test_relu_output_and_option_errors():
                 {"chunk_size": 0}, {"ae_lr": -1.0}, {"resize": "cubic"}, {"colour": 1}):
         with pytest.raises(CompressError, match="method."):
             get("scap")(**bad)
+
+
+def test_layer_scores_do_not_depend_on_the_other_layers_scored():
+    model, ctx = tiny_model(), make_ctx()
+    both = get("scap")(**FAST).channel_scores(model, ctx, convs(model))
+    alone = get("scap")(**FAST).channel_scores(model, ctx, {"3": model[3]})
+    assert torch.allclose(both["3"], alone["3"], atol=1e-5)
+
+
+def test_stacked_training_matches_separate_training():
+    g = torch.Generator().manual_seed(0)
+    spectra = scap.unit_norm(torch.rand(2, 128, 16, generator=g))
+    stacked = scap.train_autoencoders(spectra, 3, 4, 1e-2, 32, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    for i, seed in enumerate((1, 2)):
+        alone = scap.train_autoencoder(spectra[i], 3, 4, 1e-2, 32, torch.Generator().manual_seed(seed))
+        assert torch.allclose(stacked[i].enc_w, alone.enc_w, atol=1e-5)
+        assert torch.allclose(stacked[i].fidelity(spectra[i]), alone.fidelity(spectra[i]), atol=1e-5)

@@ -12,7 +12,7 @@ from compress.data.cifar import detect_layout, load_cifar10
 from compress.data.synthetic import make_synthetic
 
 SMOKE_SIZES = {"train_size": 32, "val_size": 16, "test_size": 16}
-SMOKE_MAX_IMAGE_SIZE = 64  # ImageNet-shaped smoke runs at 64x64: the models pool adaptively, and it is 12x cheaper
+SMOKE_MAX_IMAGE_SIZE = 32  # ImageNet-shaped smoke runs at 32x32: the models pool adaptively, and it is 49x cheaper
 
 
 def _find_root(name: str, root: str | None, search: Sequence[str]) -> tuple[Path, list[Path]]:

@@ -35,6 +35,9 @@ class Context:
     calibration: Callable[..., Iterator[torch.Tensor]] | None = None
     # evaluate(model) -> validation top-1 in percent; for methods that decide by accuracy.
     evaluate: Callable[[nn.Module], float] | None = None
+    # Smoke runs: a method may cut its own optimisation budgets (kernel fits, autoencoder training) to a
+    # token amount, so that every config can be exercised end to end in seconds.
+    quick: bool = False
 
     def calibration_batches(self, batches: int, batch_size: int, augment: bool = False) -> Iterator[torch.Tensor]:
         if self.calibration is None:

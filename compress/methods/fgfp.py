@@ -380,7 +380,8 @@ class FGFP(AUP):
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
         names = select_layers(model, self.fgf_layers)
         before = sum(p.numel() for p in model.parameters())
-        errors = convert(model, names, self.spec, self.fit_steps, self.fit_lr, self.fit_init_orders)
+        fit_steps = min(self.fit_steps, 2) if ctx.quick else self.fit_steps
+        errors = convert(model, names, self.spec, fit_steps, self.fit_lr, self.fit_init_orders)
         after = sum(p.numel() for p in model.parameters())
         for name, err in errors.items():
             ctx.log.info("fgfp: %s -> FGF, relative fit error %.3f", name, err)

@@ -22,6 +22,7 @@ of `batch * chunk_size * Cin * H * W` spectra. FFT linearity avoids building the
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -117,23 +118,28 @@ def cosine_fidelity(spectra: torch.Tensor, reconstruction: torch.Tensor) -> torc
 # -- the low-capacity autoencoder --------------------------------------------------------------------------
 @dataclass
 class Autoencoder:
-    """D -> hidden (ReLU) -> D, fully connected; `center` is subtracted from every input (zeros if off)."""
+    """D -> hidden (ReLU) -> D, fully connected. With `centred`, `center` (the mean training spectrum) is
+    subtracted from every input, which is then renormalised, so the cosine judges deviations from the mean.
 
-    enc_w: torch.Tensor  # (hidden, D)
-    enc_b: torch.Tensor  # (hidden,)
-    dec_w: torch.Tensor  # (D, hidden)
-    dec_b: torch.Tensor  # (D,)
-    center: torch.Tensor  # (D,)
+    Parameters are (hidden, D), (hidden,), (D, hidden), (D,), (D,) for one layer, or carry a leading layer
+    axis L ((L, hidden, D), (L, 1, hidden), (L, D, hidden), (L, 1, D), (L, 1, D)) when L layers are trained
+    together on inputs (L, B, D); the same expressions serve both.
+    """
+
+    enc_w: torch.Tensor
+    enc_b: torch.Tensor
+    dec_w: torch.Tensor
+    dec_b: torch.Tensor
+    center: torch.Tensor
+    centred: bool = False
 
     def prepare(self, spectra: torch.Tensor) -> torch.Tensor:
         """Unit-norm spectra -> the vectors the autoencoder sees (centred and renormalised when centring)."""
-        if not bool(self.center.any()):
-            return spectra
-        return unit_norm(spectra - self.center)
+        return unit_norm(spectra - self.center) if self.centred else spectra
 
     def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu(F.linear(v, self.enc_w, self.enc_b))
-        return F.linear(hidden, self.dec_w, self.dec_b)
+        hidden = torch.relu(torch.matmul(v, self.enc_w.mT) + self.enc_b)
+        return torch.matmul(hidden, self.dec_w.mT) + self.dec_b
 
     def fidelity(self, spectra: torch.Tensor) -> torch.Tensor:
         v = self.prepare(spectra)
@@ -141,6 +147,11 @@ class Autoencoder:
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.enc_w, self.enc_b, self.dec_w, self.dec_b]
+
+    def layer(self, index: int) -> "Autoencoder":
+        """One layer's autoencoder out of a stack trained together."""
+        return Autoencoder(self.enc_w[index], self.enc_b[index, 0], self.dec_w[index], self.dec_b[index, 0],
+                           self.center[index, 0], self.centred)
 
 
 def init_autoencoder(dim: int, hidden: int, generator: torch.Generator) -> Autoencoder:
@@ -165,46 +176,69 @@ def bottleneck_width(dim: int, hidden: int, ratio: float) -> int:
     return max(1, min(hidden, int(dim * ratio)))
 
 
-def train_autoencoder(
+def train_autoencoders(
     spectra: torch.Tensor,
     hidden: int,
     epochs: int,
     lr: float,
     batch_size: int,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     loss: str = "mse",
     center: bool = False,
-) -> Autoencoder:
-    """Fit an autoencoder to unit-norm spectra (S, D) with Adam; init and shuffling come from `generator`."""
+) -> list[Autoencoder]:
+    """Fit one autoencoder per layer to that layer's unit-norm spectra (L, S, D), all L at once.
+
+    Each layer's init and minibatch order come from its own generator, and the summed loss gives every
+    layer exactly its own gradient, so a layer's autoencoder does not depend on which layers train beside
+    it (up to float rounding); stacking only saves the per-step overhead of L separate loops.
+    """
     if loss not in AE_LOSSES:
         raise CompressError(f"method.ae_loss: must be one of {', '.join(AE_LOSSES)}, got '{loss}'")
+    layers, count, dim = spectra.shape
     device = spectra.device
-    ae = init_autoencoder(spectra.shape[-1], hidden, generator)
-    if center:
-        ae.center = spectra.mean(0).cpu()
-    for name in ("enc_w", "enc_b", "dec_w", "dec_b", "center"):
-        setattr(ae, name, getattr(ae, name).to(device))
+    single = [init_autoencoder(dim, hidden, g) for g in generators]
+    ae = Autoencoder(
+        enc_w=torch.stack([a.enc_w for a in single]).to(device),
+        enc_b=torch.stack([a.enc_b for a in single])[:, None].to(device),
+        dec_w=torch.stack([a.dec_w for a in single]).to(device),
+        dec_b=torch.stack([a.dec_b for a in single])[:, None].to(device),
+        center=spectra.mean(1, keepdim=True) if center else torch.zeros(layers, 1, dim, device=device),
+        centred=center,
+    )
     inputs = ae.prepare(spectra)
+    rows = torch.arange(layers, device=device)[:, None]
     params = ae.parameters()
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(inputs.shape[0], generator=generator).to(device)
-            for batch_index in order.split(batch_size):
-                batch = inputs[batch_index]
+            orders = torch.stack([torch.randperm(count, generator=g) for g in generators]).to(device)
+            for columns in orders.split(batch_size, dim=1):
+                batch = inputs[rows, columns]  # (L, B, D): each layer's own minibatch
                 recon = ae.reconstruct(batch)
                 if loss == "mse":
-                    value = (recon - batch).pow(2).sum(-1).mean()
+                    per_layer = (recon - batch).pow(2).sum(-1).mean(-1)
                 else:
-                    value = (1 - cosine_fidelity(batch, recon)).mean()
+                    per_layer = (1 - cosine_fidelity(batch, recon)).mean(-1)
                 optimizer.zero_grad(set_to_none=True)
-                value.backward()
+                per_layer.sum().backward()
                 optimizer.step()
     for p in params:
         p.requires_grad_(False)
-    return ae
+    return [ae.layer(i) for i in range(layers)]
+
+
+def train_autoencoder(spectra: torch.Tensor, hidden: int, epochs: int, lr: float, batch_size: int,
+                      generator: torch.Generator, loss: str = "mse", center: bool = False) -> Autoencoder:
+    """One layer's autoencoder from its spectra (S, D)."""
+    return train_autoencoders(spectra[None], hidden, epochs, lr, batch_size, [generator], loss, center)[0]
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A generator of its own for each layer, from the run's seed and the layer's name, so that a layer's
+    training sample and autoencoder do not depend on the other layers scored with it."""
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
 
 
 # -- per-layer sampling and scoring (called inside forward hooks) ---------------------------------------------
@@ -324,8 +358,8 @@ def _run_with_hooks(
 class AutoencoderOptions:
     hidden: int = 8
     ratio: float = 0.25  # the bottleneck is never wider than this fraction of the spectrum length
-    epochs: int = 30
-    lr: float = 1e-3
+    epochs: int = 10
+    lr: float = 1e-2
     batch_size: int = 256
     samples: int = 4096
     loss: str = "mse"
@@ -340,38 +374,43 @@ def layer_fidelities(
     spectrum: SpectrumOptions,
     ae_opts: AutoencoderOptions,
     chunk_size: int | None,
-    generator: torch.Generator,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     """Fidelity (C,) of every output channel of every layer in `layers`, averaged over the calibration images.
 
     `batches()` must yield the same images each time it is called (pass 1 draws the autoencoders' training
     spectra, pass 2 scores every spectrum).
     """
+    generators = {name: layer_generator(seed, name) for name in layers}
     per_batch = math.ceil(ae_opts.samples / max(num_batches, 1))
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
 
     def collect(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         fx, fy = layer_planes(x, y, spectrum)
-        samples[name].append(sample_spectra(fx, fy, per_batch, spectrum, generator))
+        samples[name].append(sample_spectra(fx, fy, per_batch, spectrum, generators[name]))
 
     _run_with_hooks(model, layers, batches(), collect, spectrum.output)
     missing = [name for name, s in samples.items() if not s]
     if missing:
         raise CompressError(f"method: layers never ran in the forward pass: {', '.join(missing[:5])}")
 
-    autoencoders = {
-        name: train_autoencoder(
-            torch.cat(samples[name])[: ae_opts.samples],
-            bottleneck_width(samples[name][0].shape[-1], ae_opts.hidden, ae_opts.ratio),
+    # Layers whose spectra have the same length train together (one optimiser loop per length).
+    by_dim: dict[int, list[str]] = {}
+    for name in layers:
+        by_dim.setdefault(samples[name][0].shape[-1], []).append(name)
+    autoencoders: dict[str, Autoencoder] = {}
+    for dim, names in by_dim.items():
+        trained = train_autoencoders(
+            torch.stack([torch.cat(samples[name])[: ae_opts.samples] for name in names]),
+            bottleneck_width(dim, ae_opts.hidden, ae_opts.ratio),
             ae_opts.epochs,
             ae_opts.lr,
             ae_opts.batch_size,
-            generator,
+            [generators[name] for name in names],
             ae_opts.loss,
             ae_opts.center,
         )
-        for name in layers
-    }
+        autoencoders.update(zip(names, trained))
     samples.clear()
 
     sums: dict[str, torch.Tensor] = {}
@@ -429,8 +468,8 @@ class SCAP(StructuredPruning):
         balance: str = "channel",
         ae_hidden: int = 8,
         ae_ratio: float = 0.25,
-        ae_epochs: int = 30,
-        ae_lr: float = 1e-3,
+        ae_epochs: int = 10,
+        ae_lr: float = 1e-2,
         ae_batch_size: int = 256,
         ae_samples: int = 4096,
         ae_loss: str = "mse",
@@ -469,7 +508,6 @@ class SCAP(StructuredPruning):
 
     def fidelities(self, model: nn.Module, ctx, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """Fidelity (C,) per layer, averaged over `batches` x `batch_size` calibration images (seeded by ctx.seed)."""
-        generator = torch.Generator().manual_seed(int(ctx.seed))
         return layer_fidelities(
             model,
             layers,
@@ -478,7 +516,7 @@ class SCAP(StructuredPruning):
             self.spectrum_opts,
             self.ae_opts,
             self.chunk_size,
-            generator,
+            ctx.seed,
         )
 
     def channel_scores(self, model, ctx, layers):
