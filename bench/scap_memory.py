@@ -30,7 +30,8 @@ def child(args: argparse.Namespace) -> None:
     from compress.models import build
 
     torch.set_num_threads(args.threads)
-    model = build(args.arch, 10).eval()
+    arch = args.arch[0]
+    model = build(arch, 10).eval()
     batch_size = min(args.batch_size, args.images)
     batches = args.images // batch_size
     data = torch.randn(batches * batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -38,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
     def calibration(n, size, augment=False):
         return iter(data[: n * size].split(size))
 
-    ctx = Context(device=torch.device("cpu"), arch=args.arch, num_classes=10, input_shape=(3, 32, 32), seed=0,
+    ctx = Context(device=torch.device("cpu"), arch=arch, num_classes=10, input_shape=(3, 32, 32), seed=0,
                   calibration=calibration)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     method = get("scap")(batches=batches, batch_size=batch_size, chunk_size=args.chunk_size or None)
@@ -46,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     scores = method.channel_scores(model, ctx, layers)
     seconds = time.perf_counter() - start
-    print(json.dumps({"arch": args.arch, "images": batches * batch_size, "batch_size": batch_size,
+    print(json.dumps({"arch": arch, "images": batches * batch_size, "batch_size": batch_size,
                       "chunk_size": args.chunk_size, "threads": args.threads, "layers": len(scores),
                       "seconds": round(seconds, 1), "peak_before_mib": round(before), "peak_mib": round(peak_mib())}))
 

@@ -2,8 +2,8 @@
 
 For every conv layer and output channel j, the complex interaction field of one image is
 `Z[j, c] = X[c] + i * Y_j` over space: X (Cin, H, W) is the layer's input activation (real part), Y_j its
-output channel j (the raw conv output, resized to X's spatial size, broadcast over the Cin input channels,
-imaginary part). Each of the Cin planes of Z is taken to the frequency domain (2-D FFT), turned into a
+output channel j (by default relu(BatchNorm(conv output)), resized to X's spatial size, broadcast over the
+Cin input channels, imaginary part). Each of the Cin planes of Z is taken to the frequency domain (2-D FFT), turned into a
 normalised real spectrum, and fed to a small per-layer autoencoder trained on the spectra of all channels
 of that layer. The fidelity of channel j is the cosine similarity between a spectrum and its
 reconstruction, averaged over the input channels and the calibration images. High fidelity = the channel's
@@ -93,16 +93,16 @@ def normalise_spectra(spectra: torch.Tensor, kind: str = "log") -> torch.Tensor:
     "log": log(1 + |F|) (compresses the dominant low frequencies so the rest still counts);
     "magnitude": |F|; "power": |F|^2. An all-zero spectrum stays zero.
     """
-    magnitude = spectra.abs().flatten(-2)
+    magnitude = spectra.abs().flatten(-2)  # a new tensor: the in-place ops below touch nothing else
     if kind == "log":
-        values = torch.log1p(magnitude)
+        values = magnitude.log1p_()
     elif kind == "magnitude":
         values = magnitude
     elif kind == "power":
         values = magnitude.pow(2)
     else:
         raise CompressError(f"method.spectrum: must be one of {', '.join(SPECTRA)}, got '{kind}'")
-    return unit_norm(values)
+    return values.div_(values.norm(dim=-1, keepdim=True).clamp_min(_EPS))
 
 
 def unit_norm(v: torch.Tensor) -> torch.Tensor:
