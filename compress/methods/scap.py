@@ -400,8 +400,12 @@ def layer_fidelities(
         by_dim.setdefault(samples[name][0].shape[-1], []).append(name)
     autoencoders: dict[str, Autoencoder] = {}
     for dim, names in by_dim.items():
+        count = min(ae_opts.samples, sum(len(part) for part in samples[names[0]]))
+        spectra = torch.empty(len(names), count, dim, device=samples[names[0]][0].device)
+        for row, name in enumerate(names):  # fill in place, freeing each layer's parts as we go
+            spectra[row] = torch.cat(samples.pop(name))[:count]
         trained = train_autoencoders(
-            torch.stack([torch.cat(samples[name])[: ae_opts.samples] for name in names]),
+            spectra,
             bottleneck_width(dim, ae_opts.hidden, ae_opts.ratio),
             ae_opts.epochs,
             ae_opts.lr,
@@ -411,7 +415,7 @@ def layer_fidelities(
             ae_opts.center,
         )
         autoencoders.update(zip(names, trained))
-    samples.clear()
+        del spectra
 
     sums: dict[str, torch.Tensor] = {}
     counts = {name: 0 for name in layers}
