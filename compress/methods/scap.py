@@ -33,11 +33,12 @@ from torch import nn
 from compress import CompressError
 from compress.methods import register
 from compress.methods.structured import StructuredPruning
+from compress.prune.features import FEATURES, run_hooked
 
 SPECTRA = ("log", "magnitude", "power")
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
 AE_LOSSES = ("mse", "cosine")
-OUTPUTS = ("conv", "relu")
+OUTPUTS = FEATURES  # which maps stand for a channel: the conv output, or relu(BN(conv))
 BALANCES = ("layer", "channel", "none")
 _EPS = 1e-12
 
@@ -301,59 +302,6 @@ def keep_scores(fidelity: torch.Tensor, l1n: torch.Tensor, l1_weight: float) -> 
 
 
 # -- two passes over the calibration data ---------------------------------------------------------------------
-def _run_with_hooks(
-    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor], on_layer, output: str = "conv"
-) -> int:
-    """Run `model` (eval, no_grad) over `batches`, calling `on_layer(name, input, output_maps)` per layer.
-
-    output "conv": the layer's own output; "relu": relu(BatchNorm(conv output)), the BatchNorm being the
-    module that receives the conv's output tensor (found during the forward pass, as in
-    compress.prune.features); a layer that feeds no BatchNorm gets relu(its own output).
-    """
-    if output not in OUTPUTS:
-        raise CompressError(f"method.output: must be one of {', '.join(OUTPUTS)}, got '{output}'")
-    names = {id(m): name for name, m in layers.items()}
-    # conv output tensor id -> (name, conv input, conv output): waiting for the BatchNorm that reads it.
-    pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
-
-    def on_conv(module: nn.Module, inputs, out: torch.Tensor) -> None:
-        if output == "conv":
-            on_layer(names[id(module)], inputs[0], out)
-        else:
-            pending[id(out)] = (names[id(module)], inputs[0], out)
-
-    def on_batchnorm(_module: nn.Module, inputs, out: torch.Tensor) -> None:
-        entry = pending.pop(id(inputs[0]), None)
-        if entry is not None:
-            on_layer(entry[0], entry[1], F.relu(out))
-
-    handles = [m.register_forward_hook(on_conv) for m in layers.values()]
-    if output == "relu":
-        handles += [
-            m.register_forward_hook(on_batchnorm)
-            for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-                for name, x, out in pending.values():  # layers not followed by a BatchNorm
-                    on_layer(name, x, F.relu(out))
-                pending.clear()
-                seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise CompressError("method.batches: no calibration batches were given")
-    return seen
-
-
 @dataclass
 class AutoencoderOptions:
     hidden: int = 8
@@ -389,7 +337,7 @@ def layer_fidelities(
         fx, fy = layer_planes(x, y, spectrum)
         samples[name].append(sample_spectra(fx, fy, per_batch, spectrum, generators[name]))
 
-    _run_with_hooks(model, layers, batches(), collect, spectrum.output)
+    run_hooked(model, layers, batches(), collect, spectrum.output, key="method.output")
     missing = [name for name, s in samples.items() if not s]
     if missing:
         raise CompressError(f"method: layers never ran in the forward pass: {', '.join(missing[:5])}")
@@ -426,7 +374,7 @@ def layer_fidelities(
         sums[name] = sums[name] + total if name in sums else total
         counts[name] += x.shape[0]
 
-    _run_with_hooks(model, layers, batches(), score, spectrum.output)
+    run_hooked(model, layers, batches(), score, spectrum.output, key="method.output")
     return {name: sums[name] / counts[name] for name in layers}
 
 

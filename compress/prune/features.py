@@ -19,6 +19,67 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 FEATURES = ("conv", "relu")
 
 
+def run_hooked(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[torch.Tensor],
+    on_layer: Callable[[str, torch.Tensor, torch.Tensor], None],
+    feature: str = "conv",
+    key: str = "method.feature",
+) -> int:
+    """Run `model` (eval, no_grad) once over each batch, calling `on_layer(name, layer_input, maps)` for
+    every layer of `layers` inside the same forward pass. Returns the number of batches.
+
+    feature "conv": maps = the layer's own output; "relu": relu(BatchNorm(conv output)), the BatchNorm
+    being the module that receives the conv's output tensor directly (found during the forward pass, not
+    from names); a layer that feeds no BatchNorm gets relu(its own output). `key` names the option in errors.
+    """
+    if feature not in FEATURES:
+        raise CompressError(f"{key}: must be one of {', '.join(FEATURES)}, got '{feature}'")
+    module_names = {id(module): name for name, module in layers.items()}
+    # Outputs of the hooked layers in the current batch, by tensor identity, waiting for a BatchNorm
+    # (the tuple keeps the tensor alive so that its id cannot be reused).
+    pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+
+    def on_conv(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        name = module_names[id(module)]
+        if feature == "conv":
+            on_layer(name, inputs[0], output)
+        else:
+            pending[id(output)] = (name, inputs[0], output)
+
+    def on_batchnorm(_module: nn.Module, inputs, output: torch.Tensor) -> None:
+        entry = pending.pop(id(inputs[0]), None)
+        if entry is not None:
+            on_layer(entry[0], entry[1], F.relu(output))
+
+    handles = [module.register_forward_hook(on_conv) for module in layers.values()]
+    if feature == "relu":
+        handles += [
+            module.register_forward_hook(on_batchnorm)
+            for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        ]
+    was_training = model.training
+    model.eval()
+    seen_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                for name, layer_input, output in pending.values():  # layers not followed by a BatchNorm
+                    on_layer(name, layer_input, F.relu(output))
+                pending.clear()
+                seen_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen_batches == 0:
+        raise CompressError("method.batches: no calibration batches were given")
+    return seen_batches
+
+
 def feature_scores(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -35,11 +96,7 @@ def feature_scores(
         score_fn: maps a layer's feature maps `(N, C, H, W)` float -> `(C,)`, the MEAN score of each
             channel over the N images of that batch (e.g. `lambda m: m.abs().mean((0, 2, 3))`).
             It is called inside the hook, once per layer and batch.
-        feature: which maps a layer's channels are judged by:
-            "conv": the layer's own output;
-            "relu": relu(BatchNorm(conv output)), the BatchNorm being the module that receives the conv's
-                output tensor directly (found during the same forward pass, not from names). A layer
-                that feeds no BatchNorm is judged by relu(its own output).
+        feature: which maps a layer's channels are judged by (see `run_hooked`): "conv" or "relu".
 
     Returns:
         name -> float32 CPU tensor (C,): the batch scores averaged over all images, each batch weighted by
@@ -48,55 +105,15 @@ def feature_scores(
     Raises:
         CompressError: unknown `feature`, no batches, or a layer that never ran in the forward pass.
     """
-    if feature not in FEATURES:
-        raise CompressError(f"method.feature: must be one of {', '.join(FEATURES)}, got '{feature}'")
-    module_names = {id(module): name for name, module in layers.items()}
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in layers}
-    # Outputs of the hooked layers in the current batch, by tensor identity, waiting for a BatchNorm.
-    pending: dict[int, tuple[str, torch.Tensor]] = {}
 
-    def accumulate(name: str, maps: torch.Tensor) -> None:
+    def accumulate(name: str, _layer_input: torch.Tensor, maps: torch.Tensor) -> None:
         score = score_fn(maps.float()).detach().to("cpu", torch.float32) * maps.shape[0]
         totals[name] = totals[name] + score if name in totals else score
         counts[name] += maps.shape[0]
 
-    def on_layer(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-        name = module_names[id(module)]
-        if feature == "conv":
-            accumulate(name, output)
-        else:
-            pending[id(output)] = (name, output)  # keep the tensor alive so its id cannot be reused
-
-    def on_batchnorm(_module: nn.Module, inputs, output: torch.Tensor) -> None:
-        entry = pending.pop(id(inputs[0]), None)
-        if entry is not None:
-            accumulate(entry[0], F.relu(output))
-
-    handles = [module.register_forward_hook(on_layer) for module in layers.values()]
-    if feature == "relu":
-        handles += [
-            module.register_forward_hook(on_batchnorm)
-            for module in model.modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        ]
-    was_training = model.training
-    model.eval()
-    seen_batches = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-                for name, output in pending.values():  # layers not followed by a BatchNorm
-                    accumulate(name, F.relu(output))
-                pending.clear()
-                seen_batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if seen_batches == 0:
-        raise CompressError("method.batches: no calibration batches were given")
+    run_hooked(model, layers, batches, accumulate, feature)
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise CompressError(f"method: layers never ran in the forward pass: {', '.join(missing[:5])}")
