@@ -56,6 +56,9 @@ def gather(dirs: Iterable[Path]):
         files = [d] if d.is_file() else sorted(d.rglob("metrics.csv"))
         for f in files:
             df = pd.read_csv(f)
+            for col in ("status", "experiment", "overrides"):  # empty text is "", not NaN
+                if col in df:
+                    df[col] = df[col].fillna("").astype(str)
             df.insert(0, "run_dir", str(f.parent))
             frames.append(df)
     if not frames:
