@@ -136,7 +136,10 @@ def main() -> None:
     if cmd == "run":
         run(rest)
     elif cmd == "report":
-        report(rest)
+        try:
+            report(rest)
+        except BrokenPipeError:  # `compress report ... | head`
+            sys.stderr.close()
     else:
         _fail(f"unknown command '{cmd}'\n{USAGE}")
 
