@@ -16,54 +16,28 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
+import sys
+
 import torch
-from scipy.fft import dctn
-from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from compress.methods import cfdp
 from compress.models import build
 from compress.prune.features import feature_scores
 
-CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "pretrained" / "resnet56-4bfd9763.th"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the per-map oracles live beside the tests
+from tests.cfdp_oracles import loop_scores, paper_map_score, reference_map_score  # noqa: E402
+
+CHECKPOINT = REPO.parent / "shared" / "pretrained" / "resnet56-4bfd9763.th"
 
 
-# -- per-map loops (the baseline) ---------------------------------------------------------------------------
-def reference_map_score(fmap: np.ndarray, lam: float) -> float:
-    h = fmap.shape[0]
-    blocks = h // 2
-    freq = np.zeros_like(fmap)
-    if blocks == 0:
-        freq = gaussian_filter(dctn(fmap, norm="ortho"), sigma=10)
-    for bx in range(blocks):
-        for by in range(blocks):
-            rows, cols = slice(2 * bx, 2 * bx + 2), slice(2 * by, 2 * by + 2)
-            freq[rows, cols] = gaussian_filter(dctn(fmap[rows, cols], norm="ortho"), sigma=10)
-    dist = (freq > freq.mean()).sum() / h**2
-    return float(np.linalg.norm(freq) * dist + lam * np.linalg.norm(fmap))
-
-
-def paper_map_score(fmap: np.ndarray, lam: float, block: int = 4, sigma: float = 1.0) -> float:
-    smooth = gaussian_filter(fmap, sigma=sigma, mode="reflect", truncate=4.0)
-    freq = np.zeros_like(fmap)
-    h, w = fmap.shape
-    for x0 in range(0, h, block):
-        for y0 in range(0, w, block):
-            rows, cols = slice(x0, min(x0 + block, h)), slice(y0, min(y0 + block, w))
-            freq[rows, cols] = dctn(smooth[rows, cols], norm="ortho")
-    dist = (freq >= freq.mean()).mean()
-    return float(np.linalg.norm(freq) * dist + lam * np.linalg.norm(fmap))
-
-
+# -- per-map loops (the baseline): the same oracles the tests check the scorer against -------------------
 LOOPS = {"reference": reference_map_score, "paper": paper_map_score}
 
 
-def loop_scores(maps: torch.Tensor, variant: str, lam: float = 0.03) -> torch.Tensor:
-    x = maps.numpy()
-    score = LOOPS[variant]
-    per_map = [[score(x[i, c], lam) for c in range(x.shape[1])] for i in range(x.shape[0])]
-    return torch.tensor(per_map, dtype=torch.float64).mean(0)
+def bench_loop(maps: torch.Tensor, variant: str, lam: float = 0.03) -> torch.Tensor:
+    return torch.from_numpy(loop_scores(maps, LOOPS[variant], lam=lam))
 
 
 # -- timing helpers -----------------------------------------------------------------------------------------
@@ -89,11 +63,11 @@ def bench_scorer(rounds: int) -> None:
     for variant in cfdp.VARIANTS:
         loop_t, vec_t = [], []
         for _ in range(rounds):  # alternate, so that both see the same machine load
-            loop_t.append(seconds(lambda: [loop_scores(t, variant) for t in tensors]))
+            loop_t.append(seconds(lambda: [bench_loop(t, variant) for t in tensors]))
             vec_t.append(seconds(lambda: [cfdp.channel_scores(t, variant) for t in tensors], repeats=50))
         err = max(
-            float(((cfdp.channel_scores(t.double(), variant) - loop_scores(t.double(), variant).double()).abs()
-                   / loop_scores(t.double(), variant).double()).max())
+            float(((cfdp.channel_scores(t.double(), variant) - bench_loop(t.double(), variant).double()).abs()
+                   / bench_loop(t.double(), variant).double()).max())
             for t in tensors
         )
         (loop_s, loop_c), (vec_s, vec_c) = medians(loop_t), medians(vec_t)
