@@ -2,7 +2,10 @@
 augmentation, normalisation, channels_last, LR schedule, progress bar) against a bare loop over the same
 model and batch size on pre-normalised in-memory tensors. Alternating repeats, medians, one run.
 
-    python bench/train_throughput.py [--arch resnet20] [--batches 20] [--repeats 3]
+    python bench/train_throughput.py [--arch resnet20] [--batches 20] [--repeats 3] [--malloc tuned]
+
+`--malloc tuned` (default) applies `compress.runtime.tune_allocator()` as `compress run` does; run once
+with `--malloc default` to see what it is worth (both loops gain alike, so the ratio hardly moves).
 
 Target: ratio >= 0.85 for ResNet-20 on a 2-core CPU.
 """
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from compress import models, train
+from compress.runtime import tune_allocator
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
 
@@ -42,9 +46,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = args.malloc == "tuned" and tune_allocator()
 
     n = args.batches * args.batch_size
     raw, labels = make_synthetic(n, 10, 32, seed=0)
@@ -70,7 +76,8 @@ def main() -> int:
                 timings[name].append(time.perf_counter() - t0)
     ips = {k: n / statistics.median(v) for k, v in timings.items()}
     ratio = ips["pipeline"] / ips["bare"]
-    print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches, {torch.get_num_threads()} threads")
+    print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches, {torch.get_num_threads()} threads, "
+          f"malloc {'tuned' if tuned else 'as the C library sets it'}")
     print(f"pipeline loop: {ips['pipeline']:8.1f} images/s")
     print(f"bare loop:     {ips['bare']:8.1f} images/s")
     print(f"ratio pipeline/bare: {ratio:.3f} (target >= {args.target})")

@@ -97,6 +97,10 @@ def _task(cfg) -> None:
 def run(argv: list[str]) -> None:
     import hydra
 
+    from compress.runtime import tune_allocator
+
+    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/runtime.py)
+
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
         _precheck([a for a in argv if not a.startswith("-")])
     # SIGTERM (kill) ends the run like Ctrl-C: the current stage stops, written files stay complete.

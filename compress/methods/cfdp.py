@@ -174,9 +174,11 @@ def channel_scores(
     feature_maps = feature_maps.contiguous()
     freq = frequency_maps(feature_maps, variant, block=block, sigma=sigma, truncate=truncate).flatten(-2)
     mean = freq.mean(-1, keepdim=True)  # over all H*W coefficients, uncovered zeros included
-    above = freq > mean if variant == "reference" else freq >= mean
-    dist = torch.count_nonzero(above, dim=-1).to(freq.dtype) / freq.shape[-1]
     spectral = torch.linalg.vector_norm(freq, dim=-1)
+    # Dist: the comparison is written over `freq` itself as 0./1. floats and summed. A bool mask would be
+    # counted through an int64 copy (count_nonzero / bool.sum): 6x slower here, and the largest temporary.
+    compare = torch.gt if variant == "reference" else torch.ge
+    dist = compare(freq, mean, out=freq).sum(-1) / freq.shape[-1]
     spatial = torch.linalg.vector_norm(feature_maps, dim=(-2, -1))
     return (dist * spectral + lam * spatial).mean(0)
 
