@@ -71,6 +71,22 @@ def test_feature_scores_weight_batches_by_images_and_pick_the_feature():
     assert not model.training
 
 
+def test_relu_maps_reach_the_scorer_as_contiguous_nchw_from_channels_last_models():
+    model = tiny().to(memory_format=torch.channels_last)
+    data = [b.contiguous(memory_format=torch.channels_last) for b in batches()]
+    seen = []
+
+    def record(maps):
+        seen.append(maps.is_contiguous())
+        return maps.mean((0, 2, 3))
+
+    relu = feature_scores(model, {"conv1": model.conv1, "conv2": model.conv2}, data, record, feature="relu")
+    assert seen == [True] * 4  # 2 layers x 2 batches
+    images = torch.cat(data)
+    with torch.no_grad():
+        torch.testing.assert_close(relu["conv1"], F.relu(model.bn1(model.conv1(images))).mean((0, 2, 3)))
+
+
 def test_random_scores_are_seeded_and_order_free():
     layers = {"b": nn.Conv2d(1, 3, 1), "a": nn.Conv2d(1, 2, 1)}
     first, again = random_scores(layers, 7), random_scores(dict(reversed(list(layers.items()))), 7)

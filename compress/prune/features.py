@@ -19,6 +19,12 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 FEATURES = ("conv", "relu")
 
 
+def _relu_nchw(maps: torch.Tensor) -> torch.Tensor:
+    """relu(maps) as a contiguous (N, C, H, W) tensor: one pass, whatever the input's memory format
+    (scorers work per map, so channels_last activations would otherwise be copied a second time)."""
+    return torch.clamp_min(maps, 0, out=torch.empty(maps.shape, dtype=maps.dtype, device=maps.device))
+
+
 def run_hooked(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -32,7 +38,8 @@ def run_hooked(
 
     feature "conv": maps = the layer's own output; "relu": relu(BatchNorm(conv output)), the BatchNorm
     being the module that receives the conv's output tensor directly (found during the forward pass, not
-    from names); a layer that feeds no BatchNorm gets relu(its own output). `key` names the option in errors.
+    from names); a layer that feeds no BatchNorm gets relu(its own output). The relu maps are handed
+    over as contiguous (N, C, H, W) tensors (made in the same pass as the relu). `key` names the option in errors.
     """
     if feature not in FEATURES:
         raise CompressError(f"{key}: must be one of {', '.join(FEATURES)}, got '{feature}'")
@@ -51,7 +58,7 @@ def run_hooked(
     def on_batchnorm(_module: nn.Module, inputs, output: torch.Tensor) -> None:
         entry = pending.pop(id(inputs[0]), None)
         if entry is not None:
-            on_layer(entry[0], entry[1], F.relu(output))
+            on_layer(entry[0], entry[1], _relu_nchw(output))
 
     handles = [module.register_forward_hook(on_conv) for module in layers.values()]
     if feature == "relu":
@@ -68,7 +75,7 @@ def run_hooked(
             for batch in batches:
                 model(batch)
                 for name, layer_input, output in pending.values():  # layers not followed by a BatchNorm
-                    on_layer(name, layer_input, F.relu(output))
+                    on_layer(name, layer_input, _relu_nchw(output))
                 pending.clear()
                 seen_batches += 1
     finally:
