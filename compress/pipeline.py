@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path

@@ -28,6 +28,7 @@ from compress.methods.approxconv import (
     sample_points,
 )
 from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.quant import ActivationFakeQuant, fake_quant_per_channel, packed_state_bytes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -66,8 +67,7 @@ def tiny(seed: int = 0) -> nn.Module:
 
 
 def ctx(calibration=None) -> Context:
-    return Context(device=torch.device("cpu"), arch="tiny", num_classes=3, input_shape=(3, 8, 8),
-                   calibration=calibration)
+    return cpu_context(num_classes=3, calibration=calibration)
 
 
 X = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -17,14 +17,14 @@ from torch import nn
 from compress import CompressError
 from compress.methods.aup import AUP, magnitude_mask, model_storage_bytes, sparse_tensor_bytes
 from compress.methods.base import Context
+from tests.contexts import cpu_context
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
 def ctx() -> Context:
-    return Context(device=torch.device("cpu"), arch="tiny", num_classes=4, input_shape=(3, 8, 8),
-                   log=logging.getLogger("test"))
+    return cpu_context(log=logging.getLogger("test"))
 
 
 class Tiny(nn.Module):

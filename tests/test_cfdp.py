@@ -12,6 +12,7 @@ from torch import nn
 from compress import CompressError
 from compress.methods import cfdp, get
 from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.models import build
 from tests.cfdp_oracles import loop_scores, paper_map_score, reference_map_score
 
@@ -137,8 +138,7 @@ def tiny_context(arch: str, calls: list | None = None, size: int = 16) -> Contex
         g = torch.Generator().manual_seed(0)
         return iter([torch.randn(batch_size, 3, size, size, generator=g) for _ in range(batches)])
 
-    return Context(device=torch.device("cpu"), arch=arch, num_classes=10, input_shape=(3, size, size),
-                   calibration=calibration)
+    return cpu_context(arch, num_classes=10, size=size, calibration=calibration)
 
 
 @pytest.mark.parametrize("variant", cfdp.VARIANTS)

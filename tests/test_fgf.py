@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from compress import CompressError
 from compress.methods.aup import AUP
 from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.methods.fgfp import (FGFP, axis_factor, decode, encode, fgf_kernel, fit_fgf, gl_weights, grid,
                                    grunwald_letnikov, lattice_stride, select_layers)
 
@@ -25,8 +26,7 @@ F64 = torch.float64
 
 
 def ctx() -> Context:
-    return Context(device=torch.device("cpu"), arch="tiny", num_classes=4, input_shape=(3, 8, 8),
-                   log=logging.getLogger("test"))
+    return cpu_context(log=logging.getLogger("test"))
 
 
 class Tiny(nn.Module):

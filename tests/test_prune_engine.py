@@ -10,6 +10,7 @@ from torch import nn
 from compress import CompressError
 from compress.methods import get
 from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.models import build
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune import engine
@@ -20,7 +21,7 @@ X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def context(arch: str) -> Context:
-    return Context(device=torch.device("cpu"), arch=arch, num_classes=10, input_shape=(3, 32, 32))
+    return cpu_context(arch, num_classes=10, size=32)
 
 
 def randomise_batchnorm(model: nn.Module) -> None:

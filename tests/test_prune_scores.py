@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.methods import get
-from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.models import build
 from compress.prune.features import feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
@@ -108,7 +108,7 @@ def test_hrank_method_prunes_low_rank_channels_first():
         g = torch.Generator().manual_seed(0)
         return iter([torch.randn(batch_size, 3, 32, 32, generator=g) for _ in range(batches)])
 
-    ctx = Context(device=torch.device("cpu"), arch="resnet20", num_classes=10, input_shape=(3, 32, 32), calibration=calibration)
+    ctx = cpu_context("resnet20", num_classes=10, size=32, calibration=calibration)
     method = get("hrank")(compress_rate={"layer3.1.conv1": 0.125}, batches=2, batch_size=3)
     before = model.layer3[1].conv2.weight[:, 8:].clone()
     pruned = method.compress(model, ctx)

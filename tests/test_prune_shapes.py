@@ -7,7 +7,7 @@ from torch import nn
 
 from compress.measure import count_macs, count_params
 from compress.methods import get
-from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.models import build
 
 torch.set_num_threads(1)
@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 def pruned(arch: str, rate: str) -> nn.Module:
     torch.manual_seed(0)
     model = build(arch, 10).eval()
-    ctx = Context(device=torch.device("cpu"), arch=arch, num_classes=10, input_shape=(3, 32, 32))
+    ctx = cpu_context(arch, num_classes=10, size=32)
     return get("l1")(compress_rate=rate).compress(model, ctx)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from compress import CompressError
 from compress.methods import get
 from compress.methods.base import Context
+from tests.contexts import cpu_context
 from compress.methods import scap
 
 torch.set_num_threads(1)
@@ -33,8 +34,7 @@ def make_ctx(seed: int = 0, images: int = 8, size: int = 8) -> Context:
     def calibration(batches, batch_size, augment=False):
         return iter(data[: batches * batch_size].split(batch_size))
 
-    return Context(device=torch.device("cpu"), arch="tiny", num_classes=4, input_shape=(3, size, size),
-                   seed=seed, calibration=calibration)
+    return cpu_context(size=size, seed=seed, calibration=calibration)
 
 
 def convs(model: nn.Module) -> dict[str, nn.Conv2d]:

@@ -13,7 +13,6 @@ import torch
 from compress import CompressError
 
 log = logging.getLogger("compress")
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def detect_layout(root: Path) -> tuple[str, Path] | None:

@@ -125,18 +125,28 @@ def _check(variant: str, lam: float, block: int, sigma: float, truncate: float) 
         raise CompressError(f"method.truncate: must be a finite number > 0, got {truncate!r}")
 
 
+def _resolve(variant: str, lam: float, block: int | None, sigma: float | None, truncate: float) -> tuple[int, float]:
+    """The variant's block and sigma where not given, after checking every option (one-line errors)."""
+    block = DEFAULT_BLOCK.get(variant, 0) if block is None else block
+    sigma = DEFAULT_SIGMA.get(variant, 0.0) if sigma is None else sigma
+    _check(variant, lam, block, sigma, truncate)
+    return block, float(sigma)
+
+
 def frequency_maps(
     feature_maps: torch.Tensor, variant: str = "reference", *, block: int | None = None,
     sigma: float | None = None, truncate: float = DEFAULT_TRUNCATE,
 ) -> torch.Tensor:
     """F~ = T_H F T_W^T for every map of `feature_maps` (..., H, W), in the input's dtype and device."""
-    block = DEFAULT_BLOCK.get(variant, 0) if block is None else block
-    sigma = DEFAULT_SIGMA.get(variant, 0.0) if sigma is None else sigma
-    _check(variant, 0.0, block, sigma, truncate)
+    block, sigma = _resolve(variant, 0.0, block, sigma, truncate)
+    return _transform(feature_maps, variant, block, sigma, float(truncate))
+
+
+def _transform(feature_maps: torch.Tensor, variant: str, block: int, sigma: float, truncate: float) -> torch.Tensor:
     h, w = feature_maps.shape[-2:]
     like = {"dtype": feature_maps.dtype, "device": feature_maps.device}
-    t_h = axis_operator(variant, h, block, float(sigma), float(truncate)).to(**like)
-    t_w = axis_operator(variant, w, block, float(sigma), float(truncate)).to(**like)
+    t_h = axis_operator(variant, h, block, sigma, truncate).to(**like)
+    t_w = axis_operator(variant, w, block, sigma, truncate).to(**like)
     # Right product first as one (N*C*H, W) x (W, W) GEMM, then the left one batched over the maps (the
     # fastest of the orders and einsum/block-reshape forms measured on CPU).
     with _full_precision_matmul():
@@ -167,12 +177,10 @@ def channel_scores(
     """
     if feature_maps.dim() != 4 or not feature_maps.is_floating_point():
         raise CompressError(f"CFDP scores need float feature maps (N, C, H, W), got {tuple(feature_maps.shape)}")
-    block = DEFAULT_BLOCK.get(variant, 0) if block is None else block
-    sigma = DEFAULT_SIGMA.get(variant, 0.0) if sigma is None else sigma
-    _check(variant, lam, block, sigma, truncate)
+    block, sigma = _resolve(variant, lam, block, sigma, truncate)
     # Maps from channels_last activations are strided over W: one copy here serves both uses below.
     feature_maps = feature_maps.contiguous()
-    freq = frequency_maps(feature_maps, variant, block=block, sigma=sigma, truncate=truncate).flatten(-2)
+    freq = _transform(feature_maps, variant, block, sigma, float(truncate)).flatten(-2)
     mean = freq.mean(-1, keepdim=True)  # over all H*W coefficients, uncovered zeros included
     spectral = torch.linalg.vector_norm(freq, dim=-1)
     # Dist: the comparison is written over `freq` itself as 0./1. floats and summed. A bool mask would be
@@ -212,12 +220,8 @@ class CFDP(StructuredPruning):
         **common: Any,
     ):
         super().__init__(**common)
-        if variant not in VARIANTS:
-            raise CompressError(f"method.variant: must be one of {', '.join(VARIANTS)}, got '{variant}'")
         self.variant, self.lam = variant, lam
-        self.block = DEFAULT_BLOCK[variant] if block is None else block
-        self.sigma = DEFAULT_SIGMA[variant] if sigma is None else sigma
-        _check(variant, lam, self.block, self.sigma, DEFAULT_TRUNCATE)
+        self.block, self.sigma = _resolve(variant, lam, block, sigma, DEFAULT_TRUNCATE)
         for key, value in (("batches", batches), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CompressError(f"method.{key}: must be an integer >= 1, got {value!r}")
@@ -230,7 +234,7 @@ class CFDP(StructuredPruning):
     def channel_scores(self, model: nn.Module, ctx: Context, layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
         # `channel_scores` here is the module-level scorer (a method's own name is not in scope in its body).
         score_maps = partial(
-            channel_scores, variant=self.variant, lam=float(self.lam), block=self.block, sigma=float(self.sigma)
+            channel_scores, variant=self.variant, lam=float(self.lam), block=self.block, sigma=self.sigma
         )
         batches = ctx.calibration_batches(self.batches, self.batch_size, augment=self.augment)
         # Every layer is scored in the same forward passes (one per calibration batch).

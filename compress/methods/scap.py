@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -434,7 +433,6 @@ class SCAP(StructuredPruning):
         if threshold is not None:
             threshold = _check_number("threshold", threshold)
         super().__init__(compress_rate=compress_rate, threshold=None if threshold is None else 1.0 - threshold, **common)
-        self.fidelity_threshold = threshold
         self.l1_weight = _check_number("l1_weight", l1_weight)
         self.spectrum_opts = SpectrumOptions(
             spectrum=_check_choice("spectrum", spectrum, SPECTRA),
