@@ -1,4 +1,5 @@
-# Two set-up commands: `make run` (the default job) and `make test` (the test suite).
+# Set-up commands: `make run` (the default job), `make test` (the CI tier, at most 5 minutes on a 2-core
+# machine: everything not marked slow) and `make test-full` (every test, slow tiers included).
 PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip
@@ -17,9 +18,12 @@ run: install
 	$(VENV)/bin/compress run $(RUN_ARGS)
 
 test: install
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-full: install
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
 	$(VENV)/bin/python bench/train_throughput.py
 
-.PHONY: install run test bench
+.PHONY: install run test test-full bench

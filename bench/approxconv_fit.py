@@ -17,16 +17,8 @@ import time
 import torch
 import torchvision
 
-from compress.methods.approxconv import (
-    ApproxConv,
-    basis_matrix,
-    fit_adam,
-    fit_lstsq,
-    fit_mse,
-    initial_coefficients,
-    parse_harmonics,
-    plan_orders,
-)
+from compress.layers.series import basis_matrix, fit_adam, fit_lstsq, fit_mse, initial_coefficients
+from compress.methods.approxconv import ApproxConv, parse_harmonics, plan_orders
 from compress.methods.base import Context
 
 
@@ -69,7 +61,7 @@ def main() -> None:
                   log=logging.getLogger("bench"))
     fresh = torchvision.models.resnet18(num_classes=1000).eval()
     t0 = time.perf_counter()
-    ApproxConv(series=args.series, harmonics=args.harmonics).compress(fresh, ctx)
+    ApproxConv(ApproxConv.Options(series=args.series, harmonics=args.harmonics)).compress(fresh, ctx)
     print(f"  method.compress (register + fit, all layers):  {(time.perf_counter() - t0) * 1000:8.1f} ms")
 
     print(f"  first {args.adam_layers} layers with N < K, lstsq vs Adam (600 steps, lr 0.1/0.01/0.001):")

@@ -16,8 +16,8 @@ import time
 import torch
 
 from compress.measure import count_macs, count_params
-from compress.methods import get
 from compress.methods.base import Context
+from compress.methods.structured import L1Options, L1Pruning
 from compress.models import build
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     shape = (3, 32, 32)
     dense = build(args.arch, 10).eval()
     ctx = Context(device=torch.device("cpu"), arch=args.arch, num_classes=10, input_shape=shape)
-    pruned = get("l1")(compress_rate=args.rate).compress(build(args.arch, 10).eval(), ctx).eval()
+    pruned = L1Pruning(L1Options(compress_rate=args.rate)).compress(build(args.arch, 10).eval(), ctx).eval()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     dense, pruned = dense.to(memory_format=fmt), pruned.to(memory_format=fmt)
     macs = {"dense": count_macs(dense, shape), "pruned": count_macs(pruned, shape)}

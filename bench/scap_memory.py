@@ -25,8 +25,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
-    from compress.methods import get
     from compress.methods.base import Context
+    from compress.methods.scap import SCAP, SCAPOptions
     from compress.models import build
 
     torch.set_num_threads(args.threads)
@@ -42,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
     ctx = Context(device=torch.device("cpu"), arch=arch, num_classes=10, input_shape=(3, 32, 32), seed=0,
                   calibration=calibration)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    method = get("scap")(batches=batches, batch_size=batch_size, chunk_size=args.chunk_size or None)
+    method = SCAP(SCAPOptions(batches=batches, batch_size=batch_size, chunk_size=args.chunk_size or None))
     before = peak_mib()
     start = time.perf_counter()
     scores = method.channel_scores(model, ctx, layers)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from compress import models, train
+from compress.config import ScheduleConfig
 from compress.runtime import tune_allocator
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
@@ -58,9 +59,7 @@ def main() -> int:
     split = TensorSplit(raw, labels, mean, std, channels_last=True)
     val = TensorSplit(raw[:args.batch_size], labels[:args.batch_size], mean, std, channels_last=True)
     pre = split.normalise(raw)  # the bare loop gets its tensors ready-made, outside the timing
-    sched = {"epochs": 1, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-             "batch_size": args.batch_size, "scheduler": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 0,
-             "label_smoothing": 0.0, "channels_last": True, "amp": False, "compile": False, "max_batches": None}
+    sched = ScheduleConfig(epochs=1, batch_size=args.batch_size, amp=False)  # the finetune defaults otherwise
     base = models.build(args.arch, 10).to(memory_format=torch.channels_last)
     timings = {"pipeline": [], "bare": []}
     for rep in range(args.repeats + 1):  # the first pair warms up and is discarded

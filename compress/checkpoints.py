@@ -7,7 +7,6 @@ Every load is `weights_only=True`.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import urllib.parse
@@ -97,9 +96,3 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def serialized_size(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes

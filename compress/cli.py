@@ -27,17 +27,39 @@ def _to_log_file(msg: str) -> None:
             handler.emit(record)
 
 
-def _hydra_message(e: Exception) -> str:
-    """Hydra's composition errors are multi-line; keep the line a user can act on."""
+def _hydra_message(e: BaseException) -> str:
+    """Hydra's and OmegaConf's composition errors are multi-line; keep the line a user can act on,
+    naming the key."""
     text = f"{e}\n{e.__cause__ or ''}".strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if any("is not in struct" in ln for ln in lines):
-        key = next((ln.split("'")[1] for ln in lines if ln.startswith("Could not override '")), None)
-        key = key or next(ln.split("'")[1] for ln in lines if "is not in struct" in ln and "'" in ln)
+    full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    if any("is not in struct" in ln or "not in '" in ln for ln in lines) and lines[0].startswith("Could not override"):
+        key = lines[0].split("'")[1]
         return f"{key}: unknown config option (add new keys with +{key}=...)"
+    if lines and lines[0].startswith("Error merging override") and len(lines) > 1:
+        key = full_key or lines[0].removeprefix("Error merging override").split("=")[0].strip()
+        return f"{key}: {lines[1]}"
+    options_at = next((i for i, ln in enumerate(lines) if ln.startswith("Available options")), None)
+    if options_at is not None:  # an unknown group option: name the ones there are
+        options = [ln for ln in lines[options_at + 1:] if not ln.startswith(("Config search path", "provider="))]
+        return f"{' '.join(lines[:options_at + 1])} {', '.join(options)}"
     if lines and lines[0].startswith("In ") and len(lines) > 1:
         return f"{lines[0]} {lines[1]}"
-    return lines[0] if lines else type(e).__name__
+    return (f"{full_key}: " if full_key and lines and not lines[0].startswith(full_key) else "") + (
+        lines[0][:300] if lines else type(e).__name__)
+
+
+def _smoke_to_debug(argv: list[str]) -> list[str]:
+    """`smoke=true` is the old spelling of the `debug=smoke` preset (configs/debug/smoke.yaml)."""
+    out = []
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key.lstrip("+") == "smoke" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            if value.lower() in ("true", "1", "yes"):
+                out.append("debug=smoke")
+            continue
+        out.append(a)
+    return out
 
 
 def _precheck(overrides: list[str]) -> None:
@@ -63,30 +85,51 @@ def _precheck(overrides: list[str]) -> None:
             plain.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
         else:
             return  # glob() / range() sweeps need Hydra's own expansion: leave every check to it
+    from compress.config import to_config
+
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
-            compose(config_name="config", overrides=plain)
+            cfg = compose(config_name="config", overrides=plain)
     except Exception as e:
         _fail(_hydra_message(e))
+    try:
+        to_config(cfg)  # ranges and choices: fail before Hydra makes a run directory
+    except CompressError as e:
+        _fail(str(e))
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
+    from compress.config import to_config
     from compress.pipeline import Run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
         hc = HydraConfig.get()
         # Rows say which experiment and overrides made them, so the runs of a sweep can be told apart.
-        plain["experiment"] = hc.runtime.choices.get("experiment")
-        plain["overrides"] = hc.job.override_dirname
-        Run(plain, run_dir).execute()
+        Run(to_config(cfg), run_dir, experiment=hc.runtime.choices.get("experiment") or "",
+            overrides=hc.job.override_dirname).execute()
     except CompressError as e:
         _to_log_file(f"error: {e}")
         _fail(str(e))
+    except (MemoryError, RuntimeError) as e:
+        # Out of memory (a batch size too large for this machine) is the user's setting, not a bug: one line.
+        # Files already written stay complete (every write is atomic), so the run resumes with resume=true.
+        if not isinstance(e, MemoryError) and not _is_out_of_memory(e):
+            raise
+        msg = ("schedule.batch_size: out of memory "
+               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); lower schedule.batch_size, "
+               f"pretrain.batch_size or measure.eval_batch_size, then resume with resume=true hydra.run.dir={run_dir}")
+        _to_log_file(f"error: {msg}")
+        _fail(msg)
     except KeyboardInterrupt:
         log.warning("interrupted; files in %s are complete: continue with resume=true hydra.run.dir=%s", run_dir, run_dir)
         print(f"interrupted: continue with: compress run <same overrides> resume=true hydra.run.dir={run_dir}",
@@ -97,9 +140,12 @@ def _task(cfg) -> None:
 def run(argv: list[str]) -> None:
     import hydra
 
+    from compress.config import register_configs
     from compress.runtime import tune_allocator
 
     tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/runtime.py)
+    register_configs()
+    argv = _smoke_to_debug(argv)
 
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
         _precheck([a for a in argv if not a.startswith("-")])

@@ -11,6 +11,7 @@ COLUMNS = [
     "run_id", "method", "arch", "dataset", "seed", "stage", "status", "top1", "top5", "loss", "val_top1",
     "params", "params_nonzero", "macs", "params_reduction_pct", "macs_reduction_pct", "top1_delta",
     "latency_ms_b1", "latency_ms_b64", "size_bytes", "wall_s", "experiment", "overrides",
+    "latency_iqr_ms_b1", "latency_iqr_ms_b64",  # spread of the latency repeats (torch.utils.benchmark)
 ]
 
 

@@ -1,4 +1,4 @@
-"""Training and evaluation loops. The schedule is a plain dict (the `schedule` config group)."""
+"""Training and evaluation loops. The schedule is a `ScheduleConfig` (the `schedule` config group)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.config import ScheduleConfig
 from compress.data.base import Split
 
 log = logging.getLogger("compress")
@@ -55,50 +56,52 @@ def _num_outputs(model: nn.Module, split: Split, device: torch.device) -> int:
     return linears[-1].out_features if linears else 5
 
 
-def make_optimizer(model: nn.Module, sched: dict) -> torch.optim.Optimizer:
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=sched["lr"],
-                           momentum=sched["momentum"], weight_decay=sched["weight_decay"],
-                           nesterov=bool(sched["nesterov"]) and sched["momentum"] > 0)
+def make_optimizer(model: nn.Module, sched: ScheduleConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=sched.lr,
+                           momentum=sched.momentum, weight_decay=sched.weight_decay,
+                           nesterov=sched.nesterov and sched.momentum > 0)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, sched: dict, steps_per_epoch: int):
-    """Stepped once per batch. Warm-up (linear, from lr/10) composes with every schedule."""
-    epochs, kind = int(sched["epochs"]), sched["scheduler"]
-    total = max(1, epochs * steps_per_epoch)
-    warm = int(sched.get("warmup_epochs") or 0) * steps_per_epoch
-    if kind == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sched["lr"], total_steps=total)
-    if kind == "constant":
-        main = lambda step: 1.0  # noqa: E731
-    elif kind == "cosine":
-        main = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))  # noqa: E731
-    elif kind == "multistep":
-        milestones = [int(m) * steps_per_epoch for m in sched.get("milestones") or []]
-        main = lambda step: sched["gamma"] ** sum(step >= m for m in milestones)  # noqa: E731
-    else:  # validated upstream
-        raise ValueError(kind)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: (0.1 + 0.9 * step / warm) if step < warm else main(step))
+def make_scheduler(opt: torch.optim.Optimizer, sched: ScheduleConfig, steps_per_epoch: int):
+    """Stepped once per batch. A linear warm-up from lr/10 over `warmup_epochs` precedes every schedule
+    but one-cycle (which warms up itself); the main schedule then runs over the remaining steps."""
+    lr_sched = torch.optim.lr_scheduler
+    total = max(1, sched.epochs * steps_per_epoch)
+    if sched.scheduler == "onecycle":
+        return lr_sched.OneCycleLR(opt, max_lr=sched.lr, total_steps=total)
+    warm = min(sched.warmup_epochs * steps_per_epoch, total - 1)
+    after_warmup = total - warm
+    if sched.scheduler == "cosine":
+        main = lr_sched.CosineAnnealingLR(opt, T_max=after_warmup)
+    elif sched.scheduler == "multistep":
+        # Milestones are epochs of the whole schedule; the main schedule's steps start after the warm-up.
+        main = lr_sched.MultiStepLR(opt, [max(1, m * steps_per_epoch - warm) for m in sched.milestones], sched.gamma)
+    else:  # constant (the choices are checked by ScheduleConfig)
+        main = lr_sched.ConstantLR(opt, factor=1.0, total_iters=0)
+    if warm <= 0:
+        return main
+    warmup = lr_sched.LinearLR(opt, start_factor=0.1, end_factor=1.0, total_iters=warm)
+    return lr_sched.SequentialLR(opt, [warmup, main], milestones=[warm])
 
 
-def fit(model: nn.Module, train: Split, val: Split, sched: dict, device: torch.device, *, seed: int = 0,
+def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, device: torch.device, *, seed: int = 0,
         resume: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train",
         eval_batch_size: int = 500) -> tuple[nn.Module, dict]:
-    """Train for sched["epochs"], keep the weights of the best epoch by validation top-1 (never test).
+    """Train for sched.epochs, keep the weights of the best epoch by validation top-1 (never test).
 
     `resume` is a state dict produced by a previous call's `on_epoch_end`; training continues after its
     last finished epoch with the same optimizer, scheduler and random state.
     """
-    epochs = int(sched["epochs"])
+    epochs = sched.epochs
     info = {"epochs_run": 0, "best_epoch": None, "best_val_top1": None}
     if epochs <= 0:
         return model, info
-    if sched.get("channels_last", True):
+    if sched.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, sched)
-    batches_per_epoch = math.ceil(len(train) / sched["batch_size"])
-    if sched.get("max_batches"):
-        batches_per_epoch = min(batches_per_epoch, int(sched["max_batches"]))
+    batches_per_epoch = math.ceil(len(train) / sched.batch_size)
+    if sched.max_batches:
+        batches_per_epoch = min(batches_per_epoch, sched.max_batches)
     scheduler = make_scheduler(opt, sched, batches_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     start, best_top1, best_state, best_epoch = 0, -1.0, None, None
@@ -110,13 +113,13 @@ def fit(model: nn.Module, train: Split, val: Split, sched: dict, device: torch.d
         start, best_top1, best_state, best_epoch = (resume["epoch"], resume["best_val_top1"],
                                                     resume["best_state"], resume["best_epoch"])
         log.info("%s: resuming after epoch %d (best val top-1 %.2f at epoch %s)", desc, start, best_top1, best_epoch)
-    amp = bool(sched.get("amp")) and device.type == "cuda"
-    step_model = torch.compile(model) if sched.get("compile") and device.type == "cuda" else model
-    smoothing = float(sched.get("label_smoothing") or 0.0)
+    amp = sched.amp and device.type == "cuda"
+    step_model = torch.compile(model) if sched.compile and device.type == "cuda" else model
+    smoothing = sched.label_smoothing
     for epoch in range(start, epochs):
         model.train()
         running, seen = 0.0, 0
-        bar = tqdm(train.batches(sched["batch_size"], shuffle=True, augment=True, generator=generator,
+        bar = tqdm(train.batches(sched.batch_size, shuffle=True, augment=True, generator=generator,
                                  max_batches=batches_per_epoch),
                    total=batches_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None)
         for x, y in bar:

@@ -1,4 +1,5 @@
-"""ApproxConv (CosConv / ChebConv) and the fake-quantisation pieces it uses: tiny models, real numbers."""
+"""ApproxConv (CosConv / ChebConv), its series kernels (compress.layers.series) and the fake-quantisation
+pieces it uses (compress.layers.quant): tiny models, real numbers."""
 from __future__ import annotations
 
 import copy
@@ -13,23 +14,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
 from compress import CompressError, methods, models
-from compress.methods.approxconv import (
-    ApproxConv,
+from compress.layers import deployable
+from compress.layers.quant import ActivationFakeQuant, fake_quant_per_channel, packed_state_bytes
+from compress.layers.series import (
     basis_matrix,
     fit_adam,
     fit_lstsq,
     fit_mse,
-    harmonic_groups,
     initial_coefficients,
     kernel_from_coefficients,
-    parse_harmonics,
-    plan_orders,
     sample_points,
 )
+from compress.methods.approxconv import MAX_ORDERS, ApproxConv, harmonic_groups, parse_harmonics, plan_orders
 from compress.methods.base import Context
 from tests.contexts import cpu_context
-from compress.quant import ActivationFakeQuant, fake_quant_per_channel, packed_state_bytes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 torch.set_num_threads(1)
@@ -68,6 +70,10 @@ def tiny(seed: int = 0) -> nn.Module:
 
 def ctx(calibration=None) -> Context:
     return cpu_context(num_classes=3, calibration=calibration)
+
+
+def approxconv(**options) -> ApproxConv:
+    return ApproxConv(ApproxConv.Options(**options))
 
 
 X = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -159,15 +165,15 @@ def test_n_equal_k_leaves_model_outputs_unchanged():
     model = tiny()
     before = model(X)
     full = {"layer2.0": 5}  # the 5x5 conv of the 3x3 stage
-    out = ApproxConv(series="cos", harmonics=[3, 3, 3], overrides=full).compress(copy.deepcopy(model), ctx())
+    out = approxconv(series="cos", harmonics=[3, 3, 3], overrides=full).compress(copy.deepcopy(model), ctx())
     assert sum(parametrize.is_parametrized(m) for m in out.modules()) == 4
     assert (out(X) - before).abs().max() < 1e-5
-    out = ApproxConv(series="cheb", harmonics=[3, 3, 3], overrides=full).compress(copy.deepcopy(model), ctx())
+    out = approxconv(series="cheb", harmonics=[3, 3, 3], overrides=full).compress(copy.deepcopy(model), ctx())
     assert (out(X) - before).abs().max() < 1e-5
 
 
 def test_parameters_are_the_coefficients():
-    model = ApproxConv(harmonics=[2, 3, 4], overrides={"layer2.2": 1}).compress(tiny(), ctx())
+    model = approxconv(harmonics=[2, 3, 4], overrides={"layer2.2": 1}).compress(tiny(), ctx())
     stem = model.conv1.parametrizations.weight.original
     assert stem.shape == (4, 3, 2, 2) and model.conv1.weight.shape == (4, 3, 3, 3)
     assert isinstance(model.conv1, nn.Conv2d)
@@ -179,7 +185,7 @@ def test_parameters_are_the_coefficients():
 
 
 def test_gradients_train_the_coefficients():
-    model = ApproxConv(harmonics=[2]).compress(tiny().train(), ctx())
+    model = approxconv(harmonics=[2]).compress(tiny().train(), ctx())
     coeffs = model.layer1[0].parametrizations.weight.original
     before = coeffs.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -191,7 +197,7 @@ def test_gradients_train_the_coefficients():
 
 
 def test_eval_mode_caches_the_kernel_until_coefficients_change():
-    model = ApproxConv(harmonics=[2]).compress(tiny(), ctx())
+    model = approxconv(harmonics=[2]).compress(tiny(), ctx())
     conv = model.layer1[0]
     with torch.no_grad():
         first = conv.weight
@@ -212,7 +218,7 @@ def test_one_by_one_convs_stay_ordinary_and_are_logged(caplog):
     model = tiny()
     w = model.downsample.weight.detach().clone()
     with caplog.at_level(logging.INFO, logger="compress"):
-        ApproxConv(harmonics=[2]).compress(model, ctx())
+        approxconv(harmonics=[2]).compress(model, ctx())
     assert not parametrize.is_parametrized(model.downsample)
     assert torch.equal(model.downsample.weight, w)
     assert "downsample stays an ordinary convolution (1x1 kernel)" in caplog.text
@@ -220,15 +226,15 @@ def test_one_by_one_convs_stay_ordinary_and_are_logged(caplog):
 
 def test_order_above_kernel_size_is_an_error_naming_the_layer():
     with pytest.raises(CompressError, match=r"method.harmonics: order 4 for layer 'layer1.0' exceeds its kernel size 3"):
-        ApproxConv(harmonics=[3, 4, 3]).compress(tiny(), ctx())
+        approxconv(harmonics=[3, 4, 3]).compress(tiny(), ctx())
     with pytest.raises(CompressError, match=r"method.overrides: order 6 for layer 'layer2.0'"):
-        ApproxConv(harmonics=[3], overrides={"layer2.0": 6}).compress(tiny(), ctx())
+        approxconv(harmonics=[3], overrides={"layer2.0": 6}).compress(tiny(), ctx())
 
 
 def test_harmonics_length_must_match_the_groups():
     assert [g.label for g in harmonic_groups(tiny())] == ["stem", "layer1", "layer2"]
     with pytest.raises(CompressError, match=r"method.harmonics: 2 orders given, but this model has 3 groups"):
-        ApproxConv(harmonics=[3, 3]).compress(tiny(), ctx())
+        approxconv(harmonics=[3, 3]).compress(tiny(), ctx())
 
 
 def test_overrides_by_glob():
@@ -254,35 +260,60 @@ def test_harmonics_notation(spec, expected):
     assert parse_harmonics(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["3,a", "0", "3x0", True, [3, 2.5], {"a": 1}, ""])
+@pytest.mark.parametrize("spec", ["3,a", "0", "3x0", True, [3, 2.5], {"a": 1}, "", "  ", "[]", [], "9" * 5000,
+                                  "2x" + "9" * 20, f"2x{MAX_ORDERS + 1}", ["2x9999", 2, 2]])
 def test_bad_harmonics_are_user_errors(spec):
-    if spec == "":
-        assert parse_harmonics(spec) is None
-        return
+    # An empty spec is a mistake, not "approximate nothing" (that is null); digit strings and repetitions
+    # are bounded before anything is built from them.
     with pytest.raises(CompressError, match="method.harmonics"):
         parse_harmonics(spec)
+    with pytest.raises(CompressError, match="method.harmonics"):
+        ApproxConv.Options(harmonics=spec)
 
 
-def test_bad_options_are_user_errors():
-    for kwargs, key in [({"series": "sin"}, "method.series"), ({"fit": "sgd"}, "method.fit"),
-                        ({"quant_bits": 1}, "method.quant_bits"), ({"quant_scope": "x"}, "method.quant_scope"),
-                        ({"overrides": {"a": -1}}, "method.overrides")]:
-        with pytest.raises(CompressError, match=key):
-            ApproxConv(**kwargs)
+def test_harmonics_expand_up_to_the_bound():
+    assert parse_harmonics(f"2x{MAX_ORDERS}") == [2] * MAX_ORDERS
 
 
-def test_registered_and_configured():
+@pytest.mark.parametrize("options, key", [
+    ({"series": "sin"}, "method.series"), ({"fit": "sgd"}, "method.fit"), ({"quant_bits": 1}, "method.quant_bits"),
+    ({"quant_bits": 17}, "method.quant_bits"), ({"quant_scope": "x"}, "method.quant_scope"),
+    ({"overrides": {"a": -1}}, "method.overrides"), ({"overrides": {"a": True}}, "method.overrides"),
+    ({"overrides": ["a"]}, "method.overrides"), ({"adam_steps": 0}, "method.adam_steps"),
+    ({"adam_lr": 0.0}, "method.adam_lr"), ({"adam_lr": math.nan}, "method.adam_lr"),
+    ({"quant_momentum": 0.0}, "method.quant_momentum"), ({"quant_momentum": 1.5}, "method.quant_momentum"),
+    ({"calibration_batches": -1}, "method.calibration_batches"),
+    ({"calibration_batch_size": 0}, "method.calibration_batch_size"),
+    ({"calibration_batch_size": 10**9}, "method.calibration_batch_size"),
+])
+def test_bad_options_are_user_errors(options, key):
+    with pytest.raises(CompressError, match=key):
+        ApproxConv.Options(**options)
+
+
+def test_registered_with_a_typed_options_schema():
     assert methods.get("approxconv") is ApproxConv
-    from omegaconf import OmegaConf
+    assert ApproxConv.one_shot and ApproxConv.iterative and ApproxConv.changes_model and not ApproxConv.requires_rounds
+    schema = OmegaConf.structured(ApproxConv.Options)
+    assert OmegaConf.to_object(schema) == ApproxConv.Options() == ApproxConv().options
+    assert ApproxConv.Options().harmonics == [3, 3, 3, 2] and ApproxConv.Options().quant_bits is None
+    # what Hydra does with overrides: union values pass as given, typed ones are checked
+    for harmonics in ([6, 3, 3, 3, 2], "7x3,7x3,5x9,4x3", 2, None):
+        options = OmegaConf.to_object(OmegaConf.merge(schema, {"harmonics": harmonics}))
+        assert options.harmonics == harmonics
+        ApproxConv(options)
+    options = OmegaConf.to_object(OmegaConf.merge(schema, {"overrides": {"layer3.*.conv2": 2, "layer1.0": None},
+                                                           "quant_bits": 4}))
+    assert options.overrides == {"layer3.*.conv2": 2, "layer1.0": None} and options.quant_bits == 4
+    for bad in ({"quant_bits": "abc"}, {"overrides": {"a": "x"}}, {"adam_lr": True}, {"series": [1]}):
+        with pytest.raises(ValidationError):
+            OmegaConf.merge(schema, bad)
 
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/method/approxconv.yaml"))
-    ApproxConv(**{k: v for k, v in cfg.items() if k != "name"})
 
-
-# -- persistence and export ----------------------------------------------------------------------------
+# -- persistence and the deployable form ---------------------------------------------------------------
 @pytest.mark.parametrize("quant_bits", [None, 4])
 def test_meta_restore_reloads_the_same_model(quant_bits):
-    method = ApproxConv(series="cheb", harmonics=[2, 3, 3], overrides={"layer2.0": 4}, quant_bits=quant_bits)
+    method = approxconv(series="cheb", harmonics=[2, 3, 3], overrides={"layer2.0": 4}, quant_bits=quant_bits)
     model = method.compress(tiny(), ctx(lambda n, bs, augment=False: iter([X] * n)))
     model.train()
     model(X)  # move BN statistics and activation ranges away from their initial values
@@ -297,15 +328,22 @@ def test_meta_restore_reloads_the_same_model(quant_bits):
 
 
 @pytest.mark.parametrize("quant_bits", [None, 8])
-def test_export_bakes_plain_kernels_with_identical_outputs(quant_bits):
-    method = ApproxConv(harmonics=[2, 2, 3], quant_bits=quant_bits)
+def test_deployable_bakes_plain_kernels_with_identical_outputs(quant_bits):
+    method = approxconv(harmonics=[2, 2, 3], quant_bits=quant_bits)
     model = method.compress(tiny(), ctx(lambda n, bs, augment=False: iter([X] * n)))
     expected = model(X)
-    baked = method.export(model)
+    baked = deployable(model)
     assert not any(parametrize.is_parametrized(m) for m in baked.modules())
     assert type(baked.conv1) is nn.Conv2d and baked.conv1.weight.shape == (4, 3, 3, 3)
     assert torch.allclose(baked(X), expected, atol=1e-5)
-    # The original keeps working: export must not strip the weight property from a shared class.
+    # Quantised: the baked weights are the quantised values (<= 2^(b-1)-1 levels per output channel), and
+    # the input quantisers stay.
+    if quant_bits is not None:
+        w = baked.downsample.weight.detach().flatten(1)
+        levels = w / (w.abs().amax(1, keepdim=True) / 127)
+        assert torch.allclose(levels, levels.round(), atol=1e-3)
+        assert isinstance(baked.conv1.input_quant, ActivationFakeQuant)
+    # The original keeps working: baking must not strip the weight property from a shared class.
     assert torch.allclose(model(X), expected, atol=0)
     assert torch.allclose(copy.deepcopy(model)(X), expected, atol=0)
 
@@ -342,8 +380,8 @@ def test_quantised_model_calibrates_and_stays_close():
         calls.append((batches, batch_size))
         return iter([X] * batches)
 
-    reference = ApproxConv(harmonics=[2, 3, 3]).compress(tiny(), ctx())(X)
-    model = ApproxConv(harmonics=[2, 3, 3], quant_bits=8, calibration_batches=3).compress(tiny(), ctx(calibration))
+    reference = approxconv(harmonics=[2, 3, 3]).compress(tiny(), ctx())(X)
+    model = approxconv(harmonics=[2, 3, 3], quant_bits=8, calibration_batches=3).compress(tiny(), ctx(calibration))
     assert calls == [(3, 64)]
     quantisers = [m for m in model.modules() if isinstance(m, ActivationFakeQuant)]
     assert len(quantisers) == 6 and all(bool(q.observed) and not q.training for q in quantisers)
@@ -356,17 +394,17 @@ def test_quant_storage_size():
     # conv1 N=2: 4x3x2x2 coefficients; layer1 conv N=3; layer2 convs (bias) N=3 (5x5 and grouped 3x3); 1x1 conv and
     # fc quantised as plain weights (scope all); BN affine + running stats fp32; 2 fp32 range values
     # per quantised layer input; num_batches_tracked and the observed flags not counted.
-    model = ApproxConv(harmonics=[2, 3, 3], quant_bits=4, calibration_batches=0).compress(tiny(), ctx())
+    model = approxconv(harmonics=[2, 3, 3], quant_bits=4, calibration_batches=0).compress(tiny(), ctx())
     quantised_values = [(48, 4), (144, 4), (8 * 4 * 9, 8), (8 * 4 * 9, 8), (32, 8), (24, 3)]
     fp32_values = 2 * 4 * 4 + 8 + 8 + 8 + 3 + 6 * 2
     expected = sum(math.ceil(n * 4 / 8) + 4 * ch for n, ch in quantised_values) + 4 * fp32_values
-    method = ApproxConv(harmonics=[2, 3, 3], quant_bits=4)
+    method = approxconv(harmonics=[2, 3, 3], quant_bits=4)
     assert method.storage_bytes(model) == expected == 836
-    unquantised = ApproxConv(harmonics=[2, 3, 3]).compress(tiny(), ctx())
+    unquantised = approxconv(harmonics=[2, 3, 3]).compress(tiny(), ctx())
     assert method.storage_bytes(unquantised) is None  # e.g. the baseline row: the serialised size
     assert method.storage_bytes(tiny()) is None
     # scope 'approx': only the approximated convs are packed, everything else stays fp32
-    approx = ApproxConv(harmonics=[2, 3, 3], quant_bits=8, quant_scope="approx", calibration_batches=0)
+    approx = approxconv(harmonics=[2, 3, 3], quant_bits=8, quant_scope="approx", calibration_batches=0)
     m2 = approx.compress(tiny(), ctx())
     assert not parametrize.is_parametrized(m2.fc) and not hasattr(m2.fc, "input_quant")
     assert approx.storage_bytes(m2) == packed_state_bytes(
@@ -380,7 +418,7 @@ def test_resnet18_groups_and_the_papers_parameter_count():
     model = torchvision.models.resnet18()
     assert [(g.label, len(g.layers)) for g in harmonic_groups(model)] == [
         ("stem", 1), ("layer1", 4), ("layer2", 4), ("layer3", 4), ("layer4", 4)]
-    ApproxConv(harmonics="6,3,3,3,2").compress(model, ctx())
+    approxconv(harmonics="6,3,3,3,2").compress(model, ctx())
     assert sum(p.numel() for p in model.parameters()) == 7_099_496  # Table 2: 7.09M
     assert not parametrize.is_parametrized(model.layer4[0].downsample[0])
 
@@ -398,10 +436,10 @@ def test_convnext_groups_are_the_depthwise_convs():
 
 def test_resnet20_config_matches_the_papers_table():
     model = models.build("resnet20", 10)
-    ApproxConv(harmonics=[3, 3, 3, 2]).compress(model, ctx())
+    approxconv(harmonics=[3, 3, 3, 2]).compress(model, ctx())
     assert sum(p.numel() for p in model.parameters()) == 157_082
     model = models.build("resnet32", 10)
-    ApproxConv(harmonics=[3, 3, 3, 2]).compress(model, ctx())
+    approxconv(harmonics=[3, 3, 3, 2]).compress(model, ctx())
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 0.27  # Table 1: 0.27M
 
 
@@ -411,8 +449,8 @@ def test_pretrained_resnet20_fit():
     model = models.build("resnet20", 10)
     model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
     model.eval()
-    cos = ApproxConv(series="cos", harmonics=[3, 3, 3, 2]).compress(copy.deepcopy(model), ctx())
-    cheb = ApproxConv(series="cheb", harmonics=[3, 3, 3, 2]).compress(copy.deepcopy(model), ctx())
+    cos = approxconv(series="cos", harmonics=[3, 3, 3, 2]).compress(copy.deepcopy(model), ctx())
+    cheb = approxconv(series="cheb", harmonics=[3, 3, 3, 2]).compress(copy.deepcopy(model), ctx())
     w = model.layer3[1].conv2.weight
     for approx in (cos, cheb):
         assert (approx.layer1[0].conv1.weight - model.layer1[0].conv1.weight).abs().max() < 1e-5
@@ -423,21 +461,21 @@ def test_pretrained_resnet20_fit():
 
 def test_a_saved_approxconv_model_can_be_refitted_and_quantised():
     # The quantised rows can start from an unquantised approxconv run's model.pt: restore, then compress.
-    first = ApproxConv(harmonics=[2, 3, 3])
+    first = approxconv(harmonics=[2, 3, 3])
     model = first.compress(tiny(), ctx())
     expected = model(X)
-    again = ApproxConv(harmonics=[2, 3, 3]).compress(copy.deepcopy(model), ctx())  # same orders: exact refit
+    again = approxconv(harmonics=[2, 3, 3]).compress(copy.deepcopy(model), ctx())  # same orders: exact refit
     assert torch.allclose(again(X), expected, atol=1e-5)
     assert again.conv1.parametrizations.weight.original.shape == (4, 3, 2, 2)
     assert len(again.conv1.parametrizations.weight) == 1  # replaced, not stacked
-    quantised = ApproxConv(harmonics=[2, 3, 3], quant_bits=8, calibration_batches=0).compress(copy.deepcopy(model), ctx())
+    quantised = approxconv(harmonics=[2, 3, 3], quant_bits=8, calibration_batches=0).compress(copy.deepcopy(model), ctx())
     with pytest.raises(CompressError, match="already quantised"):
-        ApproxConv(harmonics=[2, 3, 3], quant_bits=8).compress(quantised, ctx())
+        approxconv(harmonics=[2, 3, 3], quant_bits=8).compress(quantised, ctx())
     assert torch.allclose(model(X), expected)  # the source model is untouched by the copies' baking
 
 
 def test_kernel_keeps_float32_under_autocast_and_cache_survives_it():
-    model = ApproxConv(harmonics=[2, 3, 3]).compress(tiny(), ctx())
+    model = approxconv(harmonics=[2, 3, 3]).compress(tiny(), ctx())
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(X)

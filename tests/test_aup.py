@@ -1,30 +1,36 @@
-"""AUP: per-round rates, masks through training / save / restore / deepcopy, export, sparse storage size,
-and (with the pipeline) a rollback under an impossible threshold."""
+"""AUP: per-round rates, masks (compress.layers.masks) through training / save / restore / deepcopy, the
+deployable form, sparse storage size, the options schema, and (through the CLI) a rollback under an
+impossible threshold."""
 from __future__ import annotations
 
 import copy
 import csv
 import logging
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 from torch import nn
 
 from compress import CompressError
-from compress.methods.aup import AUP, magnitude_mask, model_storage_bytes, sparse_tensor_bytes
+from compress.layers import clone, deployable
+from compress.layers.masks import magnitude_mask, sparse_storage_bytes, sparse_tensor_bytes
+from compress.methods.aup import AUP
 from compress.methods.base import Context
+from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def ctx() -> Context:
     return cpu_context(log=logging.getLogger("test"))
+
+
+def aup(**options) -> AUP:
+    return AUP(AUP.Options(**options))
 
 
 class Tiny(nn.Module):
@@ -52,7 +58,7 @@ def test_magnitude_mask_removes_exactly_the_smallest_alive():
 
 def test_each_round_removes_pr_of_each_layers_remaining_weights():
     torch.manual_seed(0)
-    model, method = Tiny(), AUP(pr=0.05)
+    model, method = Tiny(), aup(pr=0.05)
     alive = {"conv": 216, "fc": 32}
     for k, scale in ((1, 1.0), (2, 1.0), (3, 0.5), (4, 1.0)):
         before = {n: effective(getattr(model, n)).detach().clone() for n in alive} if k > 1 else None
@@ -72,13 +78,13 @@ def test_each_round_removes_pr_of_each_layers_remaining_weights():
 
 def test_step_returns_none_when_nothing_is_left_to_prune():
     model = nn.Sequential(nn.Linear(2, 2, bias=False))
-    assert AUP(pr=0.1).step(model, ctx(), 1, 1.0) is None  # round(0.1 * 4) = 0
+    assert aup(pr=0.1).step(model, ctx(), 1, 1.0) is None  # round(0.1 * 4) = 0
 
 
 def test_masks_hold_through_optimizer_steps_and_deepcopy():
     torch.manual_seed(0)
     model = Tiny()
-    AUP(pr=0.5).step(model, ctx(), 1, 1.0)
+    aup(pr=0.5).step(model, ctx(), 1, 1.0)
     dead = model.conv.weight_mask == 0
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(3):
@@ -94,9 +100,25 @@ def test_masks_hold_through_optimizer_steps_and_deepcopy():
     assert torch.equal(snapshot.conv.weight_mask, model.conv.weight_mask)
 
 
+def test_clone_works_after_a_training_forward_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = Tiny()
+    aup(pr=0.5).step(model, ctx(), 1, 1.0)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()  # the masked `weight` is now a non-leaf tensor
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)
+    weight = model.conv.weight
+    snapshot = clone(model)
+    assert model.conv.weight is weight and weight.grad_fn is not None  # not touched
+    assert torch.equal(snapshot.conv.weight, weight.detach()) and snapshot.conv.weight.grad_fn is None
+    assert torch.equal(snapshot.conv.weight_mask, model.conv.weight_mask)
+    snapshot.conv.weight_orig.data.fill_(1.0)  # a copy, not a view
+    assert not torch.equal(model.conv.weight_orig, snapshot.conv.weight_orig)
+
+
 def test_masks_survive_save_and_restore():
     torch.manual_seed(0)
-    model, method = Tiny(), AUP(pr=0.3)
+    model, method = Tiny(), aup(pr=0.3)
     method.step(model, ctx(), 1, 1.0)
     method.step(model, ctx(), 2, 1.0)
     saved = {"meta": method.meta(model), "state_dict": copy.deepcopy(model.state_dict())}
@@ -118,11 +140,11 @@ def test_masks_survive_save_and_restore():
     assert (fresh.conv.weight[model.conv.weight_mask == 0] == 0).all()
 
 
-def test_export_makes_the_zeros_permanent():
+def test_deployable_makes_the_zeros_permanent():
     torch.manual_seed(0)
-    model, method = Tiny(), AUP(pr=0.4)
+    model, method = Tiny(), aup(pr=0.4)
     method.step(model, ctx(), 1, 1.0)
-    exported = method.export(model)
+    exported = deployable(model)
     assert isinstance(exported.conv.weight, nn.Parameter) and not hasattr(exported.conv, "weight_mask")
     assert not exported.conv._forward_pre_hooks
     assert int((exported.conv.weight == 0).sum()) == int((model.conv.weight_mask == 0).sum())
@@ -143,40 +165,61 @@ def test_sparse_storage_size():
     assert sparse_tensor_bytes(torch.ones(10, 100)) == 4000  # never more than dense
 
     torch.manual_seed(0)
-    model, method = nn.Sequential(nn.Linear(100, 10)), AUP(pr=0.5)
+    model, method = nn.Sequential(nn.Linear(100, 10)), aup(pr=0.5)
     method.step(model, ctx(), 1, 1.0)
     # weight: 500 of 1000 alive -> 2125 B; bias dense 40 B; the mask itself is not stored separately
-    assert method.storage_bytes(model) == model_storage_bytes(model) == 2125 + 40
+    assert method.storage_bytes(model) == sparse_storage_bytes(model) == 2125 + 40
 
 
-def test_bad_options():
-    with pytest.raises(CompressError, match="method.pr"):
-        AUP(pr=1.5)
+@pytest.mark.parametrize("options, key", [
+    ({"pr": 1.5}, "method.pr"), ({"pr": 0.0}, "method.pr"), ({"pr": math.nan}, "method.pr"), ({"pr": True}, "method.pr"),
+    ({"prune_layers": 3}, "method.prune_layers"), ({"prune_layers": ["a", 1]}, "method.prune_layers"),
+    ({"keep_layers": {"a": 1}}, "method.keep_layers"),
+])
+def test_bad_options(options, key):
+    with pytest.raises(CompressError, match=key):
+        AUP.Options(**options)
+
+
+def test_layer_choice():
     with pytest.raises(CompressError, match="method.prune_layers"):
-        AUP(prune_layers=3)
-    with pytest.raises(CompressError, match="method.prune_layers"):
-        AUP(prune_layers="nothing*").step(Tiny(), ctx(), 1, 1.0)
-    with pytest.raises(CompressError, match="method.threshold"):
-        AUP(threshold=0.5)
+        aup(prune_layers="nothing*").step(Tiny(), ctx(), 1, 1.0)
     model = Tiny()
-    AUP(keep_layers=["fc"]).step(model, ctx(), 1, 1.0)
+    aup(keep_layers=["fc"]).step(model, ctx(), 1, 1.0)
     assert hasattr(model.conv, "weight_mask") and not hasattr(model.fc, "weight_mask")
+    model = Tiny()
+    aup(prune_layers="fc", keep_layers="conv*").step(model, ctx(), 1, 1.0)
+    assert hasattr(model.fc, "weight_mask") and not hasattr(model.conv, "weight_mask")
 
 
-# -- end to end through the pipeline --------------------------------------------------------------------
-COMPRESS = REPO / ".venv" / "bin" / "compress"
+def test_options_schema_and_capabilities():
+    schema = OmegaConf.structured(AUP.Options)
+    assert OmegaConf.to_object(schema) == AUP.Options() == AUP().options
+    assert AUP.Options() == AUP.Options(name="aup", pr=0.05, prune_layers="*", keep_layers=[])
+    with pytest.raises(ValidationError):
+        OmegaConf.merge(schema, {"pr": "abc"})
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(schema, {"threshold": 0.5})
+    assert OmegaConf.to_object(OmegaConf.merge(schema, {"keep_layers": ["conv1", "fc"]})).keep_layers == ["conv1", "fc"]
+    # AUP only works in rounds, and changes nothing before round 1 (the compressed row is the baseline's)
+    assert AUP.requires_rounds and AUP.iterative and not AUP.one_shot and not AUP.changes_model
 
 
-@pytest.mark.skipif(not (REPO / "compress" / "pipeline.py").is_file() or not COMPRESS.is_file(),
-                    reason="needs the pipeline")
+# -- end to end through the CLI (needs the typed-config pipeline) ---------------------------------------
+def test_unknown_option_is_one_line(tmp_path):
+    proc = compress_cli("run", "smoke=true", "method=aup", "schedule.rounds=1", "method.threshold=0.5",
+                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "method.threshold" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
 def test_impossible_threshold_rolls_the_round_back(tmp_path):
     run_dir = tmp_path / "run"
     # smoke: synthetic data, random weights, 2 batches per epoch; no accuracy reaches 100 %
-    cmd = [str(COMPRESS), "run", "smoke=true", "method=aup", "arch=resnet20", "schedule.rounds=2",
-           "schedule.min_top1=100", "schedule.on_rollback=stop", "threads=1",
-           f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    proc = compress_cli("run", "smoke=true", "method=aup", "arch=resnet20", "schedule.rounds=2",
+                        "schedule.min_top1=100", "schedule.on_rollback=stop", "threads=1",
+                        f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300,
+                        env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     stages = [(r["stage"], r["status"]) for r in rows]

@@ -10,7 +10,8 @@ from scipy.ndimage import gaussian_filter1d
 from torch import nn
 
 from compress import CompressError
-from compress.methods import cfdp, get
+from compress.methods import cfdp
+from compress.methods.cfdp import CFDP, CFDPOptions
 from compress.methods.base import Context
 from tests.contexts import cpu_context
 from compress.models import build
@@ -152,7 +153,7 @@ def test_cfdp_prunes_the_silent_channels_of_a_tiny_model(variant, feature):
         model.conv2.weight[[1, 4, 5]] = 0
         original["conv1.weight"][[0, 2, 5, 7]] = 0
     calls: list = []
-    method = get("cfdp")(variant=variant, feature=feature, batches=2, batch_size=4, compress_rate=0.5)
+    method = CFDP(CFDPOptions(variant=variant, feature=feature, batches=2, batch_size=4, compress_rate=0.5))
     pruned = method.compress(model, tiny_context("tiny", calls))
     assert calls == [(2, 4, False)]  # every layer scored in the same calibration passes
     assert pruned.conv1.weight.shape == (4, 3, 3, 3) and pruned.conv2.weight.shape == (3, 4, 3, 3)
@@ -165,7 +166,7 @@ def test_cfdp_prunes_the_silent_channels_of_a_tiny_model(variant, feature):
 def test_cfdp_resnet_hrank_rates_prune_to_the_expected_shapes_and_reload():
     torch.manual_seed(0)
     model = build("resnet20", 10).eval()
-    method = get("cfdp")(compress_rate="[0.]+[0.18]*11", batches=1, batch_size=4)
+    method = CFDP(CFDPOptions(compress_rate="[0.]+[0.18]*11", batches=1, batch_size=4))
     pruned = method.compress(model, tiny_context("resnet20", size=32))
     widths = {n: (m.in_channels, m.out_channels) for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
     assert widths["conv1"] == (3, 16)  # stem rate 0
@@ -182,8 +183,20 @@ def test_cfdp_resnet_hrank_rates_prune_to_the_expected_shapes_and_reload():
     "kwargs, key",
     [({"variant": "dct"}, "method.variant"), ({"feature": "bn"}, "method.feature"), ({"batches": 0}, "method.batches"),
      ({"batch_size": 2.5}, "method.batch_size"), ({"augment": "yes"}, "method.augment"),
-     ({"sigma": -1}, "method.sigma"), ({"colour": 1}, "method.colour")],
+     ({"sigma": -1}, "method.sigma"), ({"sigma": 1e9}, "method.sigma"), ({"lam": float("nan")}, "method.lam"),
+     ({"block": True}, "method.block"), ({"step_rate": 0}, "method.step_rate"),
+     ({"compress_rate": "[0.1]*99999999999"}, "method.compress_rate")],
 )
 def test_cfdp_rejects_bad_options(kwargs, key):
-    with pytest.raises(CompressError, match=key):
-        get("cfdp")(**kwargs)
+    with pytest.raises(CompressError, match=rf"^{key}: [^\n]*$"):
+        CFDPOptions(**kwargs)
+
+
+def test_cfdp_options_defaults_and_resolved_variant_defaults():
+    opts = CFDPOptions()
+    assert (opts.name, opts.compress_rate, opts.threshold, opts.step_rate, opts.variant, opts.lam) == (
+        "cfdp", "paper", None, 0.1, "reference", 0.03)
+    assert opts.rate_spec is None  # "paper": resolved against the architecture when the model arrives
+    assert (CFDP(opts).block, CFDP(opts).sigma) == (2, 10.0)
+    assert (CFDP(CFDPOptions(variant="paper")).block, CFDP(CFDPOptions(variant="paper")).sigma) == (4, 1.0)
+    assert CFDP(CFDPOptions(variant="paper", block=3, sigma=0.0)).block == 3

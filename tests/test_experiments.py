@@ -1,13 +1,20 @@
-"""Every experiment config runs end to end in smoke mode, so no config rots."""
+"""Every experiment config runs end to end in smoke mode, so no config rots (slow: `make test-full`; the fast
+in-process checks are tests/test_experiment_table.py and tests/test_method_contract.py)."""
 from __future__ import annotations
 
 import csv
 
+import pytest
+
+from compress.experiments import approxconv_rows
 from tests.conftest import REPO, compress_cli
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+# The YAML files and the rows of the ApproxConv table (compress/experiments.py registers them).
+EXPERIMENTS = sorted([p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")]
+                     + [row.name for row in approxconv_rows()])
 
 
+@pytest.mark.slow
 def test_every_experiment_runs_in_smoke_mode(tmp_path):
     assert EXPERIMENTS, "no experiment configs"
     sweep = tmp_path / "sweep"

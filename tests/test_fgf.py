@@ -1,5 +1,6 @@
 """Fractional Gaussian Filters: the Grunwald-Letnikov operator against closed forms, the FGF kernel's
-ranges and numerical safety, fitting, layer selection, and the FGFP method's conversion / restore / export."""
+ranges and numerical safety, fitting (compress.layers.fgf), layer selection, and the FGFP method's options,
+conversion, rounds, restore and deployable form."""
 from __future__ import annotations
 
 import copy
@@ -13,12 +14,18 @@ from scipy.special import binom, gamma
 from torch import nn
 from torch.nn.utils import parametrize
 
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
 from compress import CompressError
+from compress.layers import deployable
+from compress.layers.fgf import (FractionalGaussianKernel, axis_factor, decode, encode, fgf_kernel, fit_fgf, gl_weights,
+                                 grid, grunwald_letnikov, lattice_stride)
 from compress.methods.aup import AUP
 from compress.methods.base import Context
+from compress.methods.fgfp import FGFP, select_layers
+from tests.conftest import compress_cli
 from tests.contexts import cpu_context
-from compress.methods.fgfp import (FGFP, axis_factor, decode, encode, fgf_kernel, fit_fgf, gl_weights, grid,
-                                   grunwald_letnikov, lattice_stride, select_layers)
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -27,6 +34,10 @@ F64 = torch.float64
 
 def ctx() -> Context:
     return cpu_context(log=logging.getLogger("test"))
+
+
+def fgfp(**options) -> FGFP:
+    return FGFP(FGFP.Options(**options))
 
 
 class Tiny(nn.Module):
@@ -102,6 +113,20 @@ def test_lattice_path_equals_the_direct_sum():
     assert lattice_stride(9, "pixel", 0.3) is None
 
 
+def test_the_lattice_is_used_only_where_it_is_the_cheaper_path():
+    # The lattice holds (n-1) * stride + terms Gaussians per channel, the direct sum n * terms: with
+    # stride > terms (a small step) the layer sums directly, so memory stays bounded by terms.
+    fit = dict(amplitude=True, fit_steps=0, fit_lr=0.05, fit_init_orders=[1.0])
+    assert FractionalGaussianKernel((4, 6, 3, 3), 15, 0.25, "pixel", **fit).strides == (4, 4, 4)
+    small_step = FractionalGaussianKernel((4, 6, 3, 3), 15, 0.05, "pixel", **fit)
+    assert small_step.strides == (None, None, None)
+    assert FractionalGaussianKernel((4, 6, 3, 3), 15, 1e-9, "pixel", **fit).strides == (None, None, None)
+    torch.manual_seed(0)
+    raw = torch.randn(4, 8)
+    # same kernels as the lattice path would give (stride 20 here)
+    assert torch.allclose(small_step(raw), fgf_kernel(raw, small_step.coords, 15, 0.05, (20, 20, 20)), atol=1e-6)
+
+
 # -- the FGF kernel -------------------------------------------------------------------------------------
 COORDS = (grid(6, "pixel"), grid(3, "pixel"), grid(3, "pixel"))
 
@@ -165,26 +190,54 @@ def test_select_layers_by_count_and_by_pattern():
     with pytest.raises(CompressError, match="method.layers"):
         select_layers(model, 4)
     # layers that are FGFs already are not candidates again
-    FGFP(layers=["conv3"], fit_steps=0).prepare(model, ctx())
+    fgfp(layers=["conv3"], fit_steps=0).prepare(model, ctx())
     assert select_layers(model, 1) == ["conv2"]
 
 
-def test_options_are_checked():
-    with pytest.raises(CompressError, match="method.grid"):
-        FGFP(grid="polar")
-    with pytest.raises(CompressError, match="method.terms"):
-        FGFP(terms=0)
-    with pytest.raises(CompressError, match="method.fit_init_orders"):
-        FGFP(fit_init_orders=[0.0])
-    with pytest.raises(CompressError, match="method.sigma"):
-        FGFP(sigma=1.0)
+@pytest.mark.parametrize("options, key", [
+    ({"grid": "polar"}, "method.grid"), ({"terms": 0}, "method.terms"), ({"terms": 10**6}, "method.terms"),
+    ({"step": 0.0}, "method.step"), ({"step": math.inf}, "method.step"), ({"step": math.nan}, "method.step"),
+    ({"fit_init_orders": [0.0]}, "method.fit_init_orders"), ({"fit_init_orders": []}, "method.fit_init_orders"),
+    ({"fit_init_orders": [1.0] * 17}, "method.fit_init_orders"), ({"fit_steps": -1}, "method.fit_steps"),
+    ({"fit_lr": 0.0}, "method.fit_lr"), ({"amplitude": 1}, "method.amplitude"),
+    ({"layers": 0}, "method.layers"), ({"layers": True}, "method.layers"), ({"layers": [1]}, "method.layers"),
+    ({"layers": []}, "method.layers"), ({"pr": 1.0}, "method.pr"), ({"keep_layers": 3}, "method.keep_layers"),
+])
+def test_options_are_checked(options, key):
+    with pytest.raises(CompressError, match=key):
+        FGFP.Options(**options)
+
+
+def test_options_are_a_typed_schema_with_one_set_of_defaults():
+    schema = OmegaConf.structured(FGFP.Options)
+    assert OmegaConf.to_object(schema) == FGFP.Options() == FGFP().options
+    assert FGFP.Options().name == "fgfp" and FGFP.Options().layers == 6 and FGFP.Options().pr == 0.05
+    # what Hydra does with overrides: types checked against the fields, unknown keys refused
+    with pytest.raises(ValidationError):
+        OmegaConf.merge(schema, {"terms": "abc"})
+    with pytest.raises(ValidationError):
+        OmegaConf.merge(schema, {"amplitude": "maybe"})
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(schema, {"sigma": 1.0})
+    # union-valued options: an int, a glob or a list of globs
+    for layers in (3, "layer3.*", ["layer3.*", "conv1"]):
+        options = OmegaConf.to_object(OmegaConf.merge(schema, {"layers": layers, "fit_init_orders": [1]}))
+        assert options.layers == layers and options.fit_init_orders == [1.0]
+        assert isinstance(FGFP(options), FGFP)
+
+
+def test_fgfp_declares_that_it_works_in_rounds():
+    # schedule.rounds=0 would run the FGF conversion and silently skip AUP: the pipeline refuses it and
+    # names the recipe.
+    assert FGFP.requires_rounds and FGFP.iterative and not FGFP.one_shot and FGFP.changes_model
+    assert FGFP.recipe == "fgfp_cifar"
 
 
 @pytest.mark.parametrize("amplitude,per_channel", [(True, 8), (False, 7)])
 def test_conversion_counts_and_persistence(amplitude, per_channel):
     torch.manual_seed(0)
     model = Tiny()
-    method = FGFP(layers=["conv2", "conv3"], amplitude=amplitude, fit_steps=20)
+    method = fgfp(layers=["conv2", "conv3"], amplitude=amplitude, fit_steps=20)
     dense = sum(p.numel() for p in model.parameters())
     model = method.prepare(model, ctx())
     # Still Conv2d layers; 7 or 8 numbers per output channel plus the bias replace each kernel.
@@ -204,22 +257,22 @@ def test_conversion_counts_and_persistence(amplitude, per_channel):
     fresh.eval()
     assert torch.allclose(fresh(x), out, atol=1e-6)
 
-    # export bakes the kernels into plain parameters, outputs unchanged, the model itself untouched
-    exported = method.export(model)
-    assert not parametrize.is_parametrized(exported.conv2)
+    # the deployable form bakes the kernels into plain parameters, outputs unchanged, the model untouched
+    exported = deployable(model)
+    assert not parametrize.is_parametrized(exported.conv2) and type(exported.conv2) is nn.Conv2d
     assert isinstance(exported.conv2.weight, nn.Parameter) and exported.conv2.weight.shape == (12, 8, 3, 3)
     assert torch.allclose(exported.eval()(x), out, atol=1e-6)
     assert parametrize.is_parametrized(model.conv2)
-    # deepcopy (the pipeline's rollback snapshot) keeps the FGF layers working, and exporting a copy
-    # leaves the original working too
+    # deepcopy (the pipeline's rollback snapshot) keeps the FGF layers working, and baking a copy of the
+    # copy leaves both working too (a deep copy shares its original's injected parametrized class)
     snapshot = copy.deepcopy(model)
-    method.export(snapshot)
+    deployable(snapshot)
     assert torch.allclose(model(x), out, atol=1e-6) and torch.allclose(snapshot(x), out, atol=1e-6)
 
 
 def test_fgf_parameters_train():
     torch.manual_seed(0)
-    model = FGFP(layers=["conv3"], fit_steps=0).prepare(Tiny(), ctx())
+    model = fgfp(layers=["conv3"], fit_steps=0).prepare(Tiny(), ctx())
     raw = model.conv3.parametrizations.weight.original
     before = raw.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -231,7 +284,7 @@ def test_fgf_parameters_train():
 
 def test_fgfp_rounds_prune_only_ordinary_weights():
     torch.manual_seed(0)
-    method = FGFP(layers=["conv3"], fit_steps=0, pr=0.25)
+    method = fgfp(layers=["conv3"], fit_steps=0, pr=0.25)
     model = method.prepare(Tiny(), ctx())
     method.step(model, ctx(), 1, 1.0)
     assert hasattr(model.conv1, "weight_mask") and hasattr(model.fc, "weight_mask")
@@ -249,9 +302,29 @@ def test_fgfp_rounds_prune_only_ordinary_weights():
             assert torch.allclose(fresh.eval()(x), model.eval()(x), atol=1e-6)
         assert torch.equal(fresh.conv2.weight_mask, model.conv2.weight_mask)
         assert parametrize.is_parametrized(fresh.conv3)
-    exported = method.export(model)
-    assert torch.allclose(exported(x), model(x), atol=1e-6)
+    exported = deployable(model)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model(x), atol=1e-6)
     assert int((exported.conv2.weight == 0).sum()) >= 216
+    assert not parametrize.is_parametrized(exported.conv3) and not hasattr(exported.conv2, "weight_mask")
+
+
+def test_fgfp_rounds_are_aups_and_empty_prune_layers_means_conversion_only():
+    torch.manual_seed(0)
+    # FGFP's rounds prune exactly as AUP does with the same options on the same converted model
+    method = fgfp(layers=["conv3"], fit_steps=0, pr=0.1, keep_layers=["fc"])
+    model = method.prepare(Tiny(), ctx())
+    twin = copy.deepcopy(model)
+    method.step(model, ctx(), 1, 0.5)
+    AUP(AUP.Options(pr=0.1, keep_layers=["fc"])).step(twin, ctx(), 1, 0.5)
+    assert {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}.keys() == {"conv1.weight_mask", "conv2.weight_mask"}
+    for key, value in twin.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert method.storage_bytes(model) == AUP().storage_bytes(model)
+    # prune_layers: [] -> the rounds end at once, nothing pruned
+    only_fgf = fgfp(layers=["conv3"], fit_steps=0, prune_layers=[])
+    model = only_fgf.prepare(Tiny(), ctx())
+    assert only_fgf.step(model, ctx(), 1, 1.0) is None and not hasattr(model.conv1, "weight_mask")
 
 
 @pytest.mark.skipif(not (SHARED / "pretrained" / "resnet20-12fca82f.th").is_file(), reason="needs ../shared")
@@ -267,3 +340,14 @@ def test_fit_improves_on_a_pretrained_resnet20_kernel():
     # energy (an exact copy of each output's strongest input channel would leave 0.974).
     assert fitted < start - 0.01 and fitted < 0.985
     assert math.isfinite(fitted)
+
+
+# -- through the CLI (needs the typed-config pipeline) --------------------------------------------------
+def test_fgfp_without_rounds_names_its_recipe(tmp_path):
+    proc = compress_cli("run", "smoke=true", "method=fgfp", "arch=resnet20", "schedule.rounds=0", "threads=1",
+                        f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                        timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "schedule.rounds: method 'fgfp' works in rounds; set schedule.rounds > 0" in lines[0]
+    assert "schedule=fgfp_cifar" in lines[0]

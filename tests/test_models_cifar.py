@@ -1,8 +1,6 @@
 """CIFAR VGG-16-BN and GoogLeNet sizes (HRank layouts); ResNet checkpoints still load with ShortcutA."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -11,9 +9,9 @@ from compress.measure import count_macs, count_params
 from compress.models import build
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune.engine import route_shortcuts
+from tests.conftest import RESNET20_CHECKPOINT, needs_shared
 
-torch.set_num_threads(1)
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+pytestmark = pytest.mark.usefixtures("threads")
 
 
 def params_without_batchnorm(model: nn.Module) -> int:
@@ -43,10 +41,9 @@ def test_num_classes():
     assert build("googlenet", 100).linear.out_features == 100
 
 
-@pytest.mark.shared
-@pytest.mark.skipif(not (SHARED / "pretrained" / "resnet20-12fca82f.th").exists(), reason="needs ../shared/pretrained")
+@needs_shared
 def test_pretrained_resnet_loads_with_routing_shortcut():
-    state = torch.load(SHARED / "pretrained" / "resnet20-12fca82f.th", map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(RESNET20_CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
     model = build("resnet20", 10).eval()
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})  # strict: no shortcut keys
     x = torch.randn(2, 3, 32, 32)

@@ -5,9 +5,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # builds a wheel: ~30-60 s of pip on a 2-core machine
 def test_wheel_carries_configs_and_composes_from_any_directory(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path / "whl")],
                    check=True, capture_output=True, timeout=300)
@@ -15,9 +18,14 @@ def test_wheel_carries_configs_and_composes_from_any_directory(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
-    shipped = {n for n in names if n.startswith("compress/configs/") and n.endswith(".yaml")}
-    in_repo = {f"compress/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
+    data = (".yaml", ".csv")  # config files and the tables experiments are generated from
+    shipped = {n for n in names if n.startswith("compress/configs/") and n.endswith(data)}
+    in_repo = {f"compress/configs/{p.relative_to(REPO / 'configs').as_posix()}" for p in (REPO / "configs").rglob("*")
+               if p.suffix in data}
     assert shipped == in_repo
+    # Every module of the package is shipped (a subpackage missing from pyproject's list is not).
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "compress").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules - names == set()
     code = ("import compress, sys; assert compress.__file__.startswith(sys.argv[1]), compress.__file__\n"
             "from hydra import compose, initialize_config_module\n"
             "with initialize_config_module(config_module='compress.configs', version_base='1.3'):\n"

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from compress import checkpoints
-from compress.methods import Method, register
+from compress.config import compose
+from compress.methods import METHODS, Method
 from compress.pipeline import Run
 from compress.results import COLUMNS
-from tests.conftest import PRETRAINED, REPO, compress_cli
+from tests.conftest import PRETRAINED, REPO, compress_cli, needs_shared
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -67,7 +66,7 @@ def test_missing_data_root_names_where_it_looked(tmp_path):
     assert "dataset.root" in line and str(tmp_path / "nowhere") in line
 
 
-@pytest.mark.skipif(not PRETRAINED.is_dir(), reason="needs ../shared/pretrained")
+@needs_shared
 def test_checkpoint_of_another_arch_names_the_mismatching_keys(tmp_path, quick_args):
     ckpt = PRETRAINED / "resnet32-d509ac18.th"
     proc = compress_cli("run", *quick_args, f"arch.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'r'}")
@@ -139,11 +138,12 @@ def test_killed_run_resumes_from_last_epoch_without_duplicate_rows(tmp_path, qui
 
 
 # ---- the iterative schedule, in process, with a method that only perturbs weights ------------------------
-@register
 class _Perturb(Method):
-    """Test method: each step scales every conv weight by (1 - step_scale) — destroys accuracy."""
+    """Test method: each step zeroes every conv weight (whatever `step_scale`, which it records) — destroys
+    accuracy, so every round falls under any threshold above chance."""
 
     name = "_perturb_test"
+    one_shot, iterative, changes_model = False, True, False
     scales: list[float] = []
 
     def step(self, model, ctx, round_index, step_scale):
@@ -155,25 +155,25 @@ class _Perturb(Method):
         return model
 
 
-def compose_cfg(overrides: list[str]) -> dict:
-    with initialize_config_module(config_module="compress.configs", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+@pytest.fixture
+def perturb(monkeypatch, threads):
+    """`_Perturb` registered for the test only (`method.name=_perturb_test` on method=none's options)."""
+    monkeypatch.setitem(METHODS, _Perturb.name, _Perturb)
+    _Perturb.scales.clear()
+    return _Perturb
 
 
-def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args):
+def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args, perturb):
     # An unreachable threshold: every round (which zeroes all conv weights) is rolled back.
-    cfg = compose_cfg([a for a in quick_args if not a.startswith("threads")] + [
+    config = compose(quick_args + [
         "method.name=_perturb_test", "schedule.rounds=3", "schedule.round_epochs=1", "schedule.max_batches=2",
         "schedule.epochs=0", "schedule.min_top1=100", "schedule.on_rollback=shrink", "schedule.max_rollbacks=1",
         "schedule.prepare_epochs=0"])
-    run = Run(cfg, tmp_path / "run")
-    _Perturb.scales.clear()
-    run.execute()
+    Run(config, tmp_path / "run").execute()
     table = rows(tmp_path / "run")
     assert [(r["stage"], r["status"]) for r in table] == [
         ("baseline", ""), ("compressed", ""), ("round_1", "rolled_back"), ("round_2", "rolled_back"), ("final", "")]
-    assert _Perturb.scales == [1.0, 0.5]  # shrink once, then stop after max_rollbacks
+    assert perturb.scales == [1.0, 0.5]  # shrink once, then stop after max_rollbacks
     assert float(table[-1]["top1"]) == float(table[0]["top1"])
     cached = next((tmp_path / "cache" / "pretrained").glob("*.pt"))
     pretrained = torch.load(cached, map_location="cpu", weights_only=True)["state_dict"]
@@ -182,11 +182,11 @@ def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args):
     assert all(torch.equal(pretrained[k], final[k]) for k in pretrained)
 
 
-def test_prepare_epochs_fine_tune_before_the_rounds(tmp_path, quick_args):
-    cfg = compose_cfg([a for a in quick_args if not a.startswith("threads")] + [
+def test_prepare_epochs_fine_tune_before_the_rounds(tmp_path, quick_args, perturb):
+    config = compose(quick_args + [
         "method.name=_perturb_test", "schedule.rounds=1", "schedule.round_epochs=0", "schedule.prepare_epochs=1",
         "schedule.max_batches=2", "schedule.epochs=0"])
-    Run(cfg, tmp_path / "run").execute()
+    Run(config, tmp_path / "run").execute()
     assert [(r["stage"], r["status"]) for r in rows(tmp_path / "run")] == [
         ("baseline", ""), ("compressed", ""), ("round_0", "accepted"), ("round_1", "accepted"), ("final", "")]
 
@@ -197,9 +197,23 @@ def test_report_gathers_runs(tmp_path, quick_args):
                      check=True)
     out = tmp_path / "table.csv"
     proc = compress_cli("report", str(tmp_path / "sweep"), "-o", str(out), check=True)
-    assert "| baseline" in proc.stdout.replace("|  baseline", "| baseline") or "baseline" in proc.stdout
     with out.open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 6 and {r["seed"] for r in table} == {"0", "1"}
+    assert {r["run_dir"] for r in table} == {str(tmp_path / "sweep" / s) for s in ("0", "1")}
+    # stdout: a Markdown table of the default columns, one line per row, then a one-line summary.
+    lines = proc.stdout.strip().splitlines()
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, rule, body = cells[0], cells[1], cells[2:]
+    assert header == ["run_dir", "experiment", "overrides", "method", "arch", "stage", "status", "top1", "top1_delta",
+                      "params", "params_reduction_pct", "macs", "macs_reduction_pct", "latency_ms_b1", "size_bytes"]
+    assert all(set(c) <= set("-:") and c for c in rule)
+    printed = {(r[0], r[header.index("stage")]): r for r in body}
+    assert len(body) == 6 and len(printed) == 6
+    for r in table:  # every printed row is its CSV row, floats with two decimals
+        line = printed[(r["run_dir"], r["stage"])]
+        assert line[header.index("top1")] == f"{float(r['top1']):.2f}"
+        assert line[header.index("macs")] == r["macs"] == "40551040"
+    assert lines[-1] == f"6 rows from 2 runs -> {out}"
     proc = compress_cli("report", str(tmp_path / "empty_nothing"))
     assert proc.returncode == 2 and "no such directory" in proc.stderr

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.methods import get
 from compress.methods.base import Context
+from compress.methods.structured import L1Options, L1Pruning
 from tests.contexts import cpu_context
 from compress.models import build
 from compress.models.cifar_resnet import ShortcutA
@@ -88,7 +88,7 @@ def test_pruning_dead_channels_keeps_outputs(arch, spec):
     keep = kill_channels(model, arch, spec)
     reference = model(X)
     before = sum(p.numel() for p in model.parameters())
-    pruned = get("l1")(compress_rate=spec).compress(model, context(arch)).eval()
+    pruned = L1Pruning(L1Options(compress_rate=spec)).compress(model, context(arch)).eval()
     assert sum(p.numel() for p in pruned.parameters()) < before
     widths = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
     assert all(widths[g] == k for g, k in keep.items())
@@ -108,7 +108,7 @@ def test_save_restore_round_trip(tmp_path, arch, spec):
     torch.manual_seed(0)
     model = build(arch, 10).eval()
     randomise_batchnorm(model)
-    method = get("l1")(compress_rate=spec)
+    method = L1Pruning(L1Options(compress_rate=spec))
     model = method.compress(model, context(arch)).eval()
     path = tmp_path / "model.pt"
     torch.save({"meta": method.meta(model), "state_dict": model.state_dict()}, path)
@@ -128,8 +128,8 @@ def test_restore_rejects_foreign_meta():
 def test_iterative_steps_reach_the_one_shot_widths():
     spec = {"layer1.*": 0.5, "layer3.*.conv1": 0.75}
     ctx = context("resnet20")
-    one_shot = get("l1")(compress_rate=spec).compress(build("resnet20", 10), ctx)
-    method = get("l1")(compress_rate=spec, step_rate=0.3)
+    one_shot = L1Pruning(L1Options(compress_rate=spec)).compress(build("resnet20", 10), ctx)
+    method = L1Pruning(L1Options(compress_rate=spec, step_rate=0.3))
     model = method.prepare(build("resnet20", 10), ctx)
     widths, rounds = [], 0
     while (stepped := method.step(model, ctx, rounds + 1, 1.0)) is not None:
@@ -144,14 +144,14 @@ def test_iterative_steps_reach_the_one_shot_widths():
 
 def test_step_scale_shrinks_a_round():
     ctx = context("resnet20")
-    full, half = (get("l1")(compress_rate=0.5, step_rate=0.5) for _ in range(2))
+    full, half = (L1Pruning(L1Options(compress_rate=0.5, step_rate=0.5)) for _ in range(2))
     a = full.step(full.prepare(build("resnet20", 10), ctx), ctx, 1, 1.0)
     b = half.step(half.prepare(build("resnet20", 10), ctx), ctx, 1, 0.5)
     assert a.layer3[0].conv1.out_channels == 32 and b.layer3[0].conv1.out_channels == 48
 
 
 def test_layer_never_emptied():
-    model = get("l1")(compress_rate=1.0).compress(build("resnet20", 10), context("resnet20"))
+    model = L1Pruning(L1Options(compress_rate=1.0)).compress(build("resnet20", 10), context("resnet20"))
     assert all(m.out_channels == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
     assert model(X).shape == (4, 10)
 
@@ -162,7 +162,7 @@ def test_threshold_prunes_low_scores_but_keeps_one():
         model.layer3[1].conv1.weight.mul_(0.0).add_(1e-3)  # every filter's L1 is 0.576: all below 1
         model.layer3[2].conv1.weight.mul_(1e-3)  # L1 about 0.03 ...
         model.layer3[2].conv1.weight[:10] *= 1e4  # ... but 10 filters far above 1
-    method = get("l1")(compress_rate=1.0, threshold=1.0)
+    method = L1Pruning(L1Options(compress_rate=1.0, threshold=1.0))
     pruned = method.compress(model, context("resnet20"))
     assert pruned.layer3[1].conv1.out_channels == 1
     assert pruned.layer3[2].conv1.out_channels == 10
@@ -195,8 +195,8 @@ def test_threshold_in_rounds_reaches_the_one_shot_result():
         return m
 
     ctx, spec = context("resnet20"), {"layer3.2.conv1": 1.0}
-    one_shot = get("l1")(compress_rate=spec, threshold=1.0).compress(model(), ctx)
-    method = get("l1")(compress_rate=spec, threshold=1.0, step_rate=0.5)
+    one_shot = L1Pruning(L1Options(compress_rate=spec, threshold=1.0)).compress(model(), ctx)
+    method = L1Pruning(L1Options(compress_rate=spec, threshold=1.0, step_rate=0.5))
     stepped, rounds = method.prepare(model(), ctx), 0
     while (result := method.step(stepped, ctx, rounds + 1, 1.0)) is not None:
         stepped, rounds = result, rounds + 1

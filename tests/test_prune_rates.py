@@ -1,14 +1,16 @@
 """Rate specs: the list notation's tiny grammar, patterns, errors that name the key."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from torch import nn
 
 from compress import CompressError
-from compress.methods import get
+from compress.methods.structured import HRankOptions, L1Options, L1Pruning, RandomOptions
 from compress.models import build
 from compress.prune import layouts
-from compress.prune.rates import RateSpec, keep_count, parse_rate_list
+from compress.prune.rates import MAX_PATTERNS, MAX_RATES, MAX_TEXT, RateSpec, keep_count, parse_rate_list
 
 
 @pytest.mark.parametrize(
@@ -82,14 +84,61 @@ def test_resnet50_layout():
     assert rates["layer4.2.conv1"] == rates["layer4.2.conv2"] == 0.35 and len(rates) == 1 + 13 + 32
 
 
-def test_method_options_are_checked():
-    with pytest.raises(CompressError, match=r"method\.step_rate"):
-        get("l1")(step_rate=0)
-    with pytest.raises(CompressError, match=r"method\.threshold"):
-        get("l1")(threshold="high")
-    with pytest.raises(CompressError, match=r"method\.batches"):
-        get("hrank")(batches=0)
-    with pytest.raises(CompressError, match=r"method\.feature"):
-        get("hrank")(feature="bn")
-    with pytest.raises(CompressError, match=r"method\.colour: not an option of method 'l1'"):
-        get("l1")(colour="red")
+@pytest.mark.parametrize(
+    "options, key, value",
+    [(L1Options, "step_rate", 0), (L1Options, "step_rate", True), (L1Options, "threshold", "high"),
+     (L1Options, "threshold", float("inf")), (L1Options, "compress_rate", "[0.1]*"), (L1Options, "compress_rate", 1.5),
+     (HRankOptions, "batches", 0), (HRankOptions, "batch_size", True), (HRankOptions, "feature", "bn"),
+     (RandomOptions, "seed", 2**64), (RandomOptions, "seed", "1")],
+)
+def test_method_options_are_checked(options, key, value):
+    with pytest.raises(CompressError, match=rf"^method\.{key}: [^\n]*$"):
+        options(**{key: value})
+
+
+def test_structured_defaults_live_in_the_options():
+    opts = L1Options()
+    assert (opts.name, opts.compress_rate, opts.threshold, opts.step_rate) == ("l1", "paper", None, 0.1)
+    method = L1Pruning()
+    assert method.options == opts and method.rates is None and method.threshold is None
+    assert L1Pruning.one_shot and L1Pruning.iterative and L1Pruning.changes_model
+    assert L1Pruning(L1Options(compress_rate="[0.25]*2")).rates.listed == (0.25, 0.25)
+
+
+# -- hostile rate strings: bounded before anything is built, and fast ------------------------------------------
+HOSTILE = [
+    "[0.1]*99999999999",  # the list would hold 10^11 floats
+    "[0.1]*" + "9" * 5000,  # more digits than Python's int() reads
+    "[0.1, 0.2]*6000",  # each bound holds, the product does not
+    "+".join(["[0.1]*10000"] * 500),
+    "[" + " " * (MAX_TEXT - 2) + "x",  # took minutes in the old grammar's backtracking
+    "[" + "1" * (MAX_TEXT - 3) + "x]",
+    "[0.1]" * 3000,  # too long
+    "[0.1]*0" + "0" * 5000,
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_a_hostile_rate_string_fails_fast_with_one_line(text):
+    start = time.perf_counter()
+    with pytest.raises(CompressError) as error:
+        RateSpec.parse(text)
+    assert time.perf_counter() - start < 0.5
+    message = str(error.value)
+    assert message.startswith("method.compress_rate: ") and "\n" not in message and len(message) < 300
+
+
+def test_the_bounds_are_generous():
+    assert len(parse_rate_list(f"[0.5]*{MAX_RATES}")) == MAX_RATES
+    assert len(RateSpec.parse([0.5] * MAX_RATES).listed) == MAX_RATES
+    assert len(RateSpec.parse({f"layer{i}.*": 0.5 for i in range(MAX_PATTERNS)}).patterns) == MAX_PATTERNS
+    for too_many in ([0.5] * (MAX_RATES + 1), {f"layer{i}.*": 0.5 for i in range(MAX_PATTERNS + 1)}):
+        with pytest.raises(CompressError, match=r"^method\.compress_rate: .*at most"):
+            RateSpec.parse(too_many)
+
+
+def test_omegaconf_containers_parse_like_plain_ones():
+    from omegaconf import OmegaConf
+
+    assert RateSpec.parse(OmegaConf.create({"layer3.*": 0.5})).patterns == (("layer3.*", 0.5),)
+    assert RateSpec.parse(OmegaConf.create([0.1, 0.2])).listed == (0.1, 0.2)

@@ -1,6 +1,7 @@
 """Scores against plain per-channel computations; feature hooks; hrank/random methods end to end."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +12,7 @@ from compress.models import build
 from compress.prune.features import feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("threads")
 
 
 class Tiny(nn.Module):
@@ -46,17 +47,61 @@ def test_l1_scores_match_a_loop():
     torch.testing.assert_close(l1_scores({"c": conv})["c"], expected)
 
 
-def test_hrank_scores_match_per_map_ranks():
-    model, data = tiny(), batches()
-    layers = {"conv1": model.conv1, "conv2": model.conv2}
-    scores = feature_scores(model, layers, data, hrank_map_score, feature="relu")
-    images = torch.cat(data)
-    maps = {"conv1": F.relu(model.bn1(model.conv1(images))), "conv2": F.relu(model.conv2(F.relu(model.bn1(model.conv1(images)))))}
-    for name, m in maps.items():
-        ranks = torch.tensor([[float(torch.linalg.matrix_rank(m[i, c])) for c in range(m.shape[1])] for i in range(m.shape[0])])
-        torch.testing.assert_close(scores[name], ranks.mean(0))
-    # ReLU of low-rank maps: the relu feature must differ from the conv feature somewhere
-    assert scores["conv1"].max() <= 6
+def known_rank_map(rank: int, n: int = 6) -> torch.Tensor:
+    """An n x n map with non-negative entries and exactly `rank` (A[:, :rank] @ B[:rank] with A, B close to
+    the identity: every non-zero singular value is near 1, far above matrix_rank's tolerance)."""
+    g = torch.Generator().manual_seed(rank)
+    a = torch.eye(n) + 0.05 * torch.rand(n, n, generator=g)
+    b = torch.eye(n) + 0.05 * torch.rand(n, n, generator=g)
+    return a[:, :rank] @ b[:rank]
+
+
+# u u^T with u = (1, -1, 1, -1, 1, -1): rank 1, but its ReLU keeps the two "same sign" blocks: rank 2.
+CHECKER = torch.outer(torch.tensor([1.0, -1.0] * 3), torch.tensor([1.0, -1.0] * 3))
+
+
+def test_hrank_map_score_is_the_exact_rank_of_known_maps():
+    maps = torch.stack([known_rank_map(r) for r in range(7)])  # ranks 0..6, one channel each
+    torch.testing.assert_close(hrank_map_score(maps[None]), torch.arange(7.0))
+    # Non-square maps: rank <= min(H, W); a float64 or half input is scored as float32.
+    wide = torch.stack([known_rank_map(r)[:4] for r in (1, 3, 6)])  # 4 x 6: the rank-6 map keeps rank 4
+    torch.testing.assert_close(hrank_map_score(wide[None].double()), torch.tensor([1.0, 3.0, 4.0]))
+    # The batch mean: channel 0 has ranks 2 and 5 in two images, channel 1 ranks 0 and 6.
+    two = torch.stack([torch.stack([known_rank_map(2), known_rank_map(0)]), torch.stack([known_rank_map(5), known_rank_map(6)])])
+    torch.testing.assert_close(hrank_map_score(two), torch.tensor([3.5, 3.0]))
+
+
+class Passthrough(nn.Module):
+    """A 1x1 identity conv and a BatchNorm at its initial statistics: the conv's feature maps are the
+    input's channels, and the relu feature is their ReLU (scaled by 1/sqrt(1 + eps), rank-neutral)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels)[:, :, None, None])
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def test_hrank_feature_scores_are_the_known_ranks_of_conv_and_relu_maps():
+    # Per image, six channels with known conv-map ranks; ReLU changes the last two: the checkerboard
+    # (rank 1 -> 2) and a negative map (rank 1 -> 0).
+    def image(r: list[int]) -> torch.Tensor:
+        return torch.stack([known_rank_map(k) for k in r] + [CHECKER, -torch.ones(6, 6)])
+
+    first = [image([0, 1, 3, 6])] * 3     # batch of 3 images
+    second = [image([6, 2, 3, 0])]        # batch of 1 image, other ranks
+    data = [torch.stack(first), torch.stack(second)]
+    model = Passthrough(6).eval()
+    conv = feature_scores(model, {"conv": model.conv}, data, hrank_map_score, feature="conv")["conv"]
+    relu = feature_scores(model, {"conv": model.conv}, data, hrank_map_score, feature="relu")["conv"]
+    # Each image counts once: (3 * first + 1 * second) / 4, not the mean of the two batch means.
+    expected = torch.tensor([(3 * a + b) / 4 for a, b in zip([0, 1, 3, 6], [6, 2, 3, 0])])
+    torch.testing.assert_close(conv, torch.cat([expected, torch.tensor([1.0, 1.0])]))
+    torch.testing.assert_close(relu, torch.cat([expected, torch.tensor([2.0, 0.0])]))
 
 
 def test_feature_scores_weight_batches_by_images_and_pick_the_feature():
@@ -109,7 +154,8 @@ def test_hrank_method_prunes_low_rank_channels_first():
         return iter([torch.randn(batch_size, 3, 32, 32, generator=g) for _ in range(batches)])
 
     ctx = cpu_context("resnet20", num_classes=10, size=32, calibration=calibration)
-    method = get("hrank")(compress_rate={"layer3.1.conv1": 0.125}, batches=2, batch_size=3)
+    hrank = get("hrank")
+    method = hrank(hrank.Options(compress_rate={"layer3.1.conv1": 0.125}, batches=2, batch_size=3))
     before = model.layer3[1].conv2.weight[:, 8:].clone()
     pruned = method.compress(model, ctx)
     assert calls == [(2, 3)]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from compress.measure import count_macs, count_params
-from compress.methods import get
+from compress.methods.structured import L1Options, L1Pruning
 from tests.contexts import cpu_context
 from compress.models import build
 
@@ -17,7 +17,7 @@ def pruned(arch: str, rate: str) -> nn.Module:
     torch.manual_seed(0)
     model = build(arch, 10).eval()
     ctx = cpu_context(arch, num_classes=10, size=32)
-    return get("l1")(compress_rate=rate).compress(model, ctx)
+    return L1Pruning(L1Options(compress_rate=rate)).compress(model, ctx)
 
 
 def conv_widths(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -59,7 +59,74 @@ def test_tuning_can_be_switched_off_from_the_environment():
     assert faults > 1000
 
 
-def test_tune_allocator_is_idempotent():
-    from compress.runtime import tune_allocator
+class FakeLibc:
+    """Stands in for ctypes.CDLL("libc.so.6"): records every mallopt call, answers `result`."""
 
-    assert tune_allocator() == tune_allocator()
+    def __init__(self, result: int = 1, glibc: bool = True):
+        self.calls: list[tuple[int, int]] = []
+        self.result = result
+        outer = self
+
+        class Mallopt:
+            argtypes = restype = None
+
+            def __call__(self, param, value):
+                outer.calls.append((param, value))
+                return outer.result
+
+        self.mallopt = Mallopt()
+        if glibc:
+            self.gnu_get_libc_version = lambda: b"2.39"
+
+
+@pytest.fixture
+def fresh_runtime(monkeypatch):
+    """compress.runtime as if `tune_allocator` had never run, with a fake libc (the real malloc of the
+    test process is left alone). Yields a function installing a FakeLibc and returning it."""
+    from compress import runtime
+
+    monkeypatch.setattr(runtime, "_applied", None)
+    monkeypatch.delenv("COMPRESS_MALLOC_TUNING", raising=False)
+
+    def install(**kwargs) -> FakeLibc:
+        libc = FakeLibc(**kwargs)
+        libc.loads = []
+
+        def cdll(name):
+            libc.loads.append(name)
+            return libc
+
+        monkeypatch.setattr(runtime.ctypes, "CDLL", cdll)
+        return libc
+
+    return install
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tune_allocator only acts on Linux")
+def test_tune_allocator_sets_the_three_thresholds_once(fresh_runtime):
+    from compress import runtime
+
+    libc = fresh_runtime()
+    assert runtime.tune_allocator() is True
+    assert libc.calls == [(-3, 32 << 20), (-1, 1 << 30), (-2, 64 << 20)]  # M_MMAP_, M_TRIM_THRESHOLD, M_TOP_PAD
+    # Idempotent: later calls answer from the first one without touching malloc again.
+    assert runtime.tune_allocator() is True and runtime.tune_allocator() is True
+    assert len(libc.calls) == 3 and len(libc.loads) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tune_allocator only acts on Linux")
+def test_tune_allocator_reports_false_when_it_cannot_apply(fresh_runtime, monkeypatch):
+    from compress import runtime
+
+    refused = fresh_runtime(result=0)  # mallopt answers 0: the setting is not in effect
+    assert runtime.tune_allocator() is False
+    assert runtime.tune_allocator() is False and len(refused.loads) == 1  # the failure is remembered too
+
+    monkeypatch.setattr(runtime, "_applied", None)
+    other = fresh_runtime(glibc=False)  # musl & co: their mallopt takes other parameters; never called
+    assert runtime.tune_allocator() is False and other.calls == []
+
+    monkeypatch.setattr(runtime, "_applied", None)
+    monkeypatch.setenv("COMPRESS_MALLOC_TUNING", "0")
+    off = fresh_runtime()
+    assert runtime.tune_allocator() is False and off.loads == [] and off.calls == []

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.methods import get
 from compress.methods.base import Context
 from tests.contexts import cpu_context
 from compress.methods import scap
+from compress.methods.scap import SCAP, SCAPOptions
 
 torch.set_num_threads(1)
 
@@ -152,17 +152,17 @@ def test_chunked_scores_equal_unchunked():
 
 def test_method_chunked_equals_unchunked_end_to_end():
     model, ctx = tiny_model(), make_ctx()
-    a = get("scap")(chunk_size=1, **FAST).channel_scores(model, ctx, convs(model))
-    b = get("scap")(chunk_size=None, **FAST).channel_scores(model, ctx, convs(model))
+    a = SCAP(SCAPOptions(chunk_size=1, **FAST)).channel_scores(model, ctx, convs(model))
+    b = SCAP(SCAPOptions(chunk_size=None, **FAST)).channel_scores(model, ctx, convs(model))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6)
 
 
 def test_scores_deterministic_under_seed_and_seed_matters():
     model = tiny_model()
-    first = get("scap")(**FAST).channel_scores(model, make_ctx(seed=3), convs(model))
-    again = get("scap")(**FAST).channel_scores(model, make_ctx(seed=3), convs(model))
-    other = get("scap")(**FAST).channel_scores(model, make_ctx(seed=4), convs(model))
+    first = SCAP(SCAPOptions(**FAST)).channel_scores(model, make_ctx(seed=3), convs(model))
+    again = SCAP(SCAPOptions(**FAST)).channel_scores(model, make_ctx(seed=3), convs(model))
+    other = SCAP(SCAPOptions(**FAST)).channel_scores(model, make_ctx(seed=4), convs(model))
     for name in first:
         assert first[name].shape == (convs(model)[name].out_channels,)
         assert torch.equal(first[name], again[name])
@@ -179,8 +179,8 @@ def test_odd_channel_out_gets_the_lowest_fidelity():
         conv.weight[5] = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]).expand(3, 3, 3)  # checkerboard
     model = nn.Sequential(conv).eval()
     ctx = make_ctx(images=16, size=8)
-    method = get("scap")(ae_hidden=1, ae_epochs=40, ae_lr=1e-2, ae_samples=1024, ae_batch_size=128,
-                         batches=2, batch_size=8, balance="channel")
+    method = SCAP(SCAPOptions(ae_hidden=1, ae_epochs=40, ae_lr=1e-2, ae_samples=1024, ae_batch_size=128,
+                              batches=2, batch_size=8, balance="channel"))
     fidelity = method.fidelities(model, ctx, {"0": conv})["0"]
     assert int(fidelity.argmin()) == 5
     scores = method.channel_scores(model, ctx, {"0": conv})["0"]
@@ -199,7 +199,7 @@ def test_threshold_direction_prunes_high_fidelity(monkeypatch):
     original = copy.deepcopy(model[0])
     fid = {"0": torch.tensor([0.9, 0.1, 0.7, 0.3, 0.61, 0.59, 0.95, 0.2]), "3": torch.full((6,), 0.1)}
     monkeypatch.setattr(scap.SCAP, "fidelities", lambda self, m, c, layers: {n: fid[n] for n in layers})
-    pruned = get("scap")(threshold=0.6).compress(model, make_ctx())
+    pruned = SCAP(SCAPOptions(threshold=0.6)).compress(model, make_ctx())
     assert _surviving_filters(original, pruned[0]) == [1, 3, 5, 7]  # fidelity <= 0.6 stays
     assert pruned[3].out_channels == 6
 
@@ -212,38 +212,58 @@ def test_l1_fusion_protects_heavy_filters(monkeypatch):
     original = copy.deepcopy(model[0])
     fid = {"0": torch.full((8,), 0.7), "3": torch.full((6,), 0.1)}
     monkeypatch.setattr(scap.SCAP, "fidelities", lambda self, m, c, layers: {n: fid[n] for n in layers})
-    pruned = get("scap")(threshold=0.6, l1_weight=0.5).compress(model, make_ctx())
+    pruned = SCAP(SCAPOptions(threshold=0.6, l1_weight=0.5)).compress(model, make_ctx())
     # 0.7 - 0.5 * 1.0 = 0.2 <= 0.6 keeps filter 0; the light ones (l1n ~ 0.01) are pruned
     assert _surviving_filters(original, pruned[0]) == [0]
 
 
 def test_layer_never_emptied_and_model_still_runs():
     model = tiny_model()
-    pruned = get("scap")(threshold=-5.0, **FAST).compress(model, make_ctx())  # every channel is above -5
+    pruned = SCAP(SCAPOptions(threshold=-5.0, **FAST)).compress(model, make_ctx())  # every channel is above -5
     assert pruned[0].out_channels == 1 and pruned[3].out_channels == 1
     assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4)
 
 
 def test_rate_mode_without_threshold():
     model = tiny_model()
-    pruned = get("scap")(threshold=None, compress_rate=0.5, **FAST).compress(model, make_ctx())
+    pruned = SCAP(SCAPOptions(threshold=None, compress_rate=0.5, **FAST)).compress(model, make_ctx())
     assert pruned[0].out_channels == 4 and pruned[3].out_channels == 3
 
 
-def test_relu_output_and_option_errors():
+def test_relu_output_scores_are_finite():
     model, ctx = tiny_model(), make_ctx()
-    scores = get("scap")(output="relu", **FAST).channel_scores(model, ctx, convs(model))
+    scores = SCAP(SCAPOptions(output="relu", **FAST)).channel_scores(model, ctx, convs(model))
     assert all(torch.isfinite(s).all() for s in scores.values())
-    for bad in ({"spectrum": "phase"}, {"balance": "yes"}, {"ae_hidden": 0}, {"threshold": "high"},
-                {"chunk_size": 0}, {"ae_lr": -1.0}, {"resize": "cubic"}, {"colour": 1}):
-        with pytest.raises(CompressError, match="method."):
-            get("scap")(**bad)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("spectrum", "phase"), ("balance", "yes"), ("ae_hidden", 0), ("threshold", "high"), ("threshold", float("nan")),
+    ("chunk_size", 0), ("ae_lr", -1.0), ("resize", "cubic"), ("ae_epochs", True), ("ae_center", "yes"),
+    ("ae_samples", scap.MAX_AE_SAMPLES + 1), ("ae_ratio", 1.5), ("l1_weight", float("inf")), ("compress_rate", "[0.5]*99999999999"),
+])
+def test_bad_options_fail_with_one_line_naming_the_key(key, value):
+    with pytest.raises(CompressError, match=rf"^method\.{key}: [^\n]*$"):
+        SCAPOptions(**{key: value})
+
+
+def test_options_keep_scaps_own_defaults():
+    opts = SCAPOptions()
+    assert (opts.name, opts.threshold, opts.compress_rate, opts.step_rate) == ("scap", 0.6, 1.0, 0.1)
+    assert SCAP(opts).threshold == pytest.approx(0.4)  # the engine's keep-score scale: 1 - fidelity threshold
+    assert SCAP().options == opts and SCAP.one_shot and SCAP.iterative and SCAP.changes_model
+
+
+def test_smoke_runs_train_the_autoencoders_for_a_token_budget():
+    method = SCAP(SCAPOptions(ae_epochs=50, ae_samples=8192))
+    assert method.autoencoder_budget(quick=False) == method.ae_opts
+    quick = method.autoencoder_budget(quick=True)
+    assert (quick.epochs, quick.samples, quick.hidden) == (1, scap.QUICK_AE_SAMPLES, method.ae_opts.hidden)
 
 
 def test_layer_scores_do_not_depend_on_the_other_layers_scored():
     model, ctx = tiny_model(), make_ctx()
-    both = get("scap")(**FAST).channel_scores(model, ctx, convs(model))
-    alone = get("scap")(**FAST).channel_scores(model, ctx, {"3": model[3]})
+    both = SCAP(SCAPOptions(**FAST)).channel_scores(model, ctx, convs(model))
+    alone = SCAP(SCAPOptions(**FAST)).channel_scores(model, ctx, {"3": model[3]})
     assert torch.allclose(both["3"], alone["3"], atol=1e-5)
 
 

@@ -1,48 +1,29 @@
-"""Compression methods, registered by name. Each module in this package registers its classes with
-`@register`; `get(name)` finds them."""
+"""Compression methods by name. The registry is an explicit list: a method module that fails to import
+fails loudly here, at `import compress.methods`, instead of quietly vanishing from the choices."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from compress import CompressError
-from compress.methods.base import Context, Method
+from compress.methods.approxconv import ApproxConv
+from compress.methods.aup import AUP
+from compress.methods.base import Context, Method, MethodOptions
+from compress.methods.cfdp import CFDP
+from compress.methods.fgfp import FGFP
+from compress.methods.scap import SCAP
+from compress.methods.structured import HRankPruning, L1Pruning, RandomPruning
 
-_REGISTRY: dict[str, type[Method]] = {"none": Method}
-_loaded = False
-_broken: dict[str, str] = {}  # module -> why it failed to import (one broken method never hides the others)
-
-
-def register(cls: type[Method]) -> type[Method]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RuntimeError(f"method name '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for info in pkgutil.iter_modules(__path__):
-            if info.name != "base" and not info.name.startswith("_"):
-                try:
-                    importlib.import_module(f"{__name__}.{info.name}")
-                except ImportError as e:
-                    _broken[info.name] = f"{type(e).__name__}: {e}"
-        _loaded = True
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Method, L1Pruning, RandomPruning, HRankPruning, CFDP, SCAP, ApproxConv, AUP, FGFP)
+}
 
 
 def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return sorted(METHODS)
 
 
 def get(name: str) -> type[Method]:
-    _load_all()
-    if name not in _REGISTRY:
-        broken = "".join(f"; module {m} failed to import ({why})" for m, why in _broken.items())
-        raise CompressError(f"method.name: unknown method '{name}' (known: {', '.join(names())}){broken}")
-    return _REGISTRY[name]
+    if name not in METHODS:
+        raise CompressError(f"method.name: unknown method '{name}' (known: {', '.join(names())})")
+    return METHODS[name]
 
 
-__all__ = ["Context", "Method", "register", "get", "names"]
+__all__ = ["Context", "Method", "MethodOptions", "METHODS", "get", "names"]

@@ -4,37 +4,31 @@ Each round removes a fraction `pr * step_scale` of the weights that are still al
 layer, the smallest magnitudes first (layer-wise, not global). The pipeline fine-tunes after each round
 and rolls the round back when validation top-1 falls under the threshold (theta_acc).
 
-Masks are `torch.nn.utils.prune` masks: the module keeps `weight_orig` (a Parameter) and `weight_mask`
-(a buffer) and a forward pre-hook recomputes `weight = weight_orig * weight_mask`, so pruned weights stay
-zero through fine-tuning (their gradient is zero, and whatever weight decay does to `weight_orig` is
-multiplied away). Both tensors are in `state_dict`, which is all `restore` needs.
+The masks are `compress.layers.masks` (torch.nn.utils.prune: `weight_orig` + `weight_mask` in
+state_dict). `meta` / `restore` also carry FGF layers (`compress.layers.fgf`), so that a model.pt of
+`method=fgfp` reloads, and prunes further, through `method=aup`, and the other way round.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
-import math
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrize
 
 from compress import CompressError
-from compress.methods import register
-from compress.methods.base import Context, Method
+from compress.layers import fgf, masks
+from compress.methods.base import Context, Method, MethodOptions
 
 # Layers whose `weight` AUP may prune: convolutions of any dimension and fully connected layers.
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def glob_list(value: Any, key: str) -> list[str]:
-    """A config value that is one glob pattern or a list of them, as a list of str."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise CompressError(f"method.{key}: expected a glob pattern or a list of them, got {value!r}")
+def globs(value: str | Iterable[str] | None) -> list[str]:
+    """A checked glob option (one pattern, a list of them, or null for none) as a list."""
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -54,156 +48,76 @@ def prunable_layers(model: nn.Module, include: list[str], exclude: list[str]) ->
     ]
 
 
-def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """A new mask that also zeroes the round(fraction * alive) smallest-magnitude weights still alive.
-
-    Exactly that many are removed (ties broken by index), so the per-round rate is what was asked for.
-    """
-    alive = int(mask.count_nonzero())
-    remove = math.floor(fraction * alive + 0.5)
-    if remove <= 0:
-        return mask.clone()
-    # Dead weights get +inf so that they are never chosen again.
-    scores = torch.where(mask.bool(), weight.detach().abs(), torch.full_like(weight, math.inf)).flatten()
-    smallest = torch.topk(scores, remove, largest=False, sorted=False).indices
-    new_mask = mask.detach().clone().flatten()
-    new_mask[smallest] = 0
-    return new_mask.view_as(mask)
-
-
-def current_mask(module: nn.Module) -> torch.Tensor:
-    mask = getattr(module, "weight_mask", None)
-    return mask if mask is not None else torch.ones_like(module.weight)
-
-
-def raw_weight(module: nn.Module) -> torch.Tensor:
-    """The trainable tensor behind `weight` (`weight_orig` once the module is pruned)."""
-    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
-
-
-def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    """Install `mask` on `module.weight` (first time: register the prune hook; later: update in place)."""
-    if hasattr(module, "weight_mask"):
-        module.weight_mask.copy_(mask)
-        # The hook refreshes `weight` on the next forward; refresh it now for readers before that.
-        module.weight = module.weight_orig * module.weight_mask
-    else:
-        prune.custom_from_mask(module, "weight", mask)
-
-
 @torch.no_grad()
 def prune_round(layers: list[tuple[str, nn.Module]], fraction: float) -> dict[str, tuple[int, int]]:
     """Prune `fraction` of each layer's alive weights; returns {name: (removed, still alive)}."""
     report = {}
     for name, module in layers:
-        mask = current_mask(module)
-        new_mask = magnitude_mask(raw_weight(module) * mask, mask, fraction)
+        mask = masks.current_mask(module)
+        new_mask = masks.magnitude_mask(masks.raw_weight(module) * mask, mask, fraction)
         removed = int(mask.count_nonzero()) - int(new_mask.count_nonzero())
         if removed:
-            set_mask(module, new_mask)
+            masks.set_mask(module, new_mask)
         report[name] = (removed, int(new_mask.count_nonzero()))
     return report
 
 
-def restore_masks(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Re-register a prune mask for every `<module>.<param>_mask` key (with its `_orig`) in `state_dict`.
-
-    The masks registered here are all-ones placeholders; `load_state_dict` then fills them in.
-    """
-    restored = []
-    modules = dict(model.named_modules())
-    for key in state_dict:
-        if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
-            continue
-        module_name, _, param = key[: -len("_mask")].rpartition(".")
-        module = modules.get(module_name)
-        if module is None or not hasattr(module, param):
-            raise CompressError(f"model.pt: mask '{key}' names no parameter of this architecture")
-        if not hasattr(module, param + "_mask"):
-            prune.identity(module, param)
-        restored.append(module_name)
-    return restored
+def pruning_meta(model: nn.Module) -> dict:
+    """model.pt's meta for a model with masks and/or FGF layers (what `restore_pruning` reads back)."""
+    # The masks themselves come back from state_dict; their layer names are kept for people reading model.pt.
+    meta: dict = {"pruned": sorted({name for name, _, _ in masks.pruned_modules(model)})}
+    fgf_layers = fgf.fgf_meta(model)
+    return {**meta, "fgf": fgf_layers} if fgf_layers else meta
 
 
-def pruned_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(module name, module, parameter name) of every parameter carrying a prune mask."""
-    out = []
-    for name, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            hooks = hook._pruning_methods if isinstance(hook, prune.PruningContainer) else [hook]
-            if hooks and isinstance(hooks[0], prune.BasePruningMethod):
-                out.append((name, module, hooks[0]._tensor_name))
-    return out
-
-
-def bake_masks(model: nn.Module) -> nn.Module:
-    """Make the zeros permanent in place: `weight` becomes a plain Parameter again, hooks removed."""
-    for _, module, param in pruned_modules(model):
-        prune.remove(module, param)
+def restore_pruning(model: nn.Module, meta: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild the FGF layers named in `meta` and the masks found in `state_dict` on a fresh model."""
+    fgf.restore_fgf(model, meta.get("fgf") or {})
+    masks.restore_masks(model, state_dict)
     return model
 
 
-def sparse_tensor_bytes(values: torch.Tensor) -> int:
-    """Bytes to store a pruned tensor: its nonzero values plus the cheaper of two position encodings.
+@dataclass
+class AUPOptions(MethodOptions):
+    """AUP (Adaptive Unstructured Pruning, the pruning half of FGFP): every round prunes `pr` of the weights
+    still alive in each conv / linear layer (smallest magnitudes first); the pipeline fine-tunes after each
+    round and rolls it back below the threshold. Needs schedule.rounds > 0. See docs/fgfp.md."""
 
-    - bitmap: one bit per element;
-    - CSR over the (rows = dim 0, cols = the rest) view: a column index per nonzero (1, 2 or 4 bytes, the
-      narrowest that addresses every column) and (rows + 1) int32 row pointers.
-    Never more than the dense tensor.
-    """
-    numel = values.numel()
-    nonzero = int(values.count_nonzero())
-    rows = values.shape[0] if values.dim() > 1 else 1
-    cols = numel // max(rows, 1)
-    index_bytes = 1 if cols <= 2**8 else 2 if cols <= 2**16 else 4
-    bitmap = math.ceil(numel / 8)
-    csr = nonzero * index_bytes + (rows + 1) * 4
-    return min(nonzero * values.element_size() + min(bitmap, csr), numel * values.element_size())
+    name: str = "aup"
+    # fraction of each layer's REMAINING weights pruned per round (paper: 0.03-0.06), x step_scale
+    pr: float = 0.05
+    # glob pattern(s) over module names: which conv / linear layers are pruned
+    prune_layers: Any = "*"
+    # glob pattern(s) of layers never pruned (e.g. ["conv1", "linear"])
+    keep_layers: Any = field(default_factory=list)
 
+    def __post_init__(self) -> None:
 
-@torch.no_grad()
-def model_storage_bytes(model: nn.Module) -> int:
-    """Sparse storage of every masked tensor + dense storage of everything else in `state_dict`."""
-    state = model.state_dict()
-    total = 0
-    for key, tensor in state.items():
-        if key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state:
-            continue  # its positions are counted with the values, below
-        if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
-            total += sparse_tensor_bytes(tensor * state[key[: -len("_orig")] + "_mask"])
-        else:
-            total += tensor.numel() * tensor.element_size()
-    return total
+        def glob_option(v: Any) -> bool:
+            return isinstance(v, str) or isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)
+
+        self.check(isinstance(self.pr, (int, float)) and not isinstance(self.pr, bool) and 0 < self.pr < 1,
+              "pr", "a fraction in (0, 1) (the paper uses 0.03-0.06)")
+        self.check(glob_option(self.prune_layers), "prune_layers", "a glob pattern or a list of them")
+        self.check(self.keep_layers is None or glob_option(self.keep_layers), "keep_layers", "a glob pattern or a list of them")
 
 
-def sparsity_report(model: nn.Module) -> tuple[int, int]:
-    """(alive, total) weights over the pruned tensors."""
-    alive = total = 0
-    for _, module, param in pruned_modules(model):
-        mask = getattr(module, param + "_mask")
-        alive += int(mask.count_nonzero())
-        total += mask.numel()
-    return alive, total
-
-
-def check_rate(pr: Any) -> float:
-    if isinstance(pr, bool) or not isinstance(pr, (int, float)) or not 0.0 < pr < 1.0:
-        raise CompressError(f"method.pr: expected a fraction in (0, 1) (the paper uses 0.03-0.06), got {pr!r}")
-    return float(pr)
-
-
-@register
 class AUP(Method):
     """Rounds of layer-wise magnitude pruning of `pr` of each layer's remaining weights."""
 
     name = "aup"
+    Options = AUPOptions
+    one_shot = False
+    iterative = True
     requires_rounds = True
+    changes_model = False  # nothing happens before round 1: the `compressed` row is the baseline's
+    # No recipe: schedule=fgfp_cifar fine-tunes 10 epochs after `prepare` to recover from the FGF
+    # conversion, which AUP alone does not do; any schedule with rounds > 0 runs it.
+    recipe = None
 
-    def __init__(self, pr: float = 0.05, prune_layers: Any = "*", keep_layers: Any = None, **unknown: Any):
-        super().__init__(**unknown)
-        self.pr = check_rate(pr)
-        self.prune_layers = glob_list(prune_layers, "prune_layers")
-        self.keep_layers = glob_list([] if keep_layers is None else keep_layers, "keep_layers")
+    def __init__(self, options: AUPOptions | None = None):
+        super().__init__(options)
+        self.prune_layers, self.keep_layers = globs(self.options.prune_layers), globs(self.options.keep_layers)
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         layers = prunable_layers(model, self.prune_layers, self.keep_layers)
@@ -213,37 +127,21 @@ class AUP(Method):
         return layers
 
     def step(self, model: nn.Module, ctx: Context, round_index: int, step_scale: float) -> nn.Module | None:
-        fraction = self.pr * step_scale
+        fraction = self.options.pr * step_scale
         report = prune_round(self.layers(model), fraction)
         removed = sum(r for r, _ in report.values())
-        alive, total = sparsity_report(model)
+        alive, total = masks.sparsity_report(model)
         ctx.log.info("aup round %d: pruned %.4f of each layer's remaining weights (%d removed); "
                      "%d of %d prunable weights left (%.1f%% sparse)", round_index, fraction, removed,
                      alive, total, 100.0 * (1 - alive / max(total, 1)))
         return model if removed else None
 
-    # FGF layers (method=fgfp, or a model.pt from it pruned further by method=aup) are described in meta
-    # under "fgf", rebuilt by restore and baked by export, whichever of the two methods runs.
     def meta(self, model: nn.Module) -> dict:
-        from compress.methods.fgfp import fgf_meta
-
-        # restore() reads the masks from state_dict; the names are kept for people reading model.pt.
-        meta: dict = {"pruned": sorted({name for name, _, _ in pruned_modules(model)})}
-        fgf = fgf_meta(model)
-        return {**meta, "fgf": fgf} if fgf else meta
+        return pruning_meta(model)
 
     @classmethod
     def restore(cls, model: nn.Module, meta: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-        from compress.methods.fgfp import restore_fgf
-
-        restore_fgf(model, meta.get("fgf") or {})
-        restore_masks(model, state_dict)
-        return model
-
-    def export(self, model: nn.Module) -> nn.Module:
-        from compress.methods.fgfp import bake_fgf
-
-        return bake_fgf(bake_masks(copy.deepcopy(model)))
+        return restore_pruning(model, meta, state_dict)
 
     def storage_bytes(self, model: nn.Module) -> int | None:
-        return model_storage_bytes(model)
+        return masks.sparse_storage_bytes(model)

@@ -1,23 +1,50 @@
 """The contract between the pipeline and a compression method.
 
-The pipeline builds a method from the `method` config group (every key but `name` becomes a keyword
-argument), hands it a model and a `Context`, and measures whatever comes back. A method never reads
-files or configs; the pipeline never looks inside a method.
+A method is a class with a typed options dataclass (`Options`, a subclass of `MethodOptions`). The
+pipeline builds the options from the `method` config group (Hydra checks every key's type against the
+dataclass; `__post_init__` checks ranges and raises `CompressError("method.<key>: ...")`), constructs the
+method with them — every constructor has the same shape, `Method(options)` — hands it a model and a
+`Context`, and measures whatever comes back. A method never reads files or configs; the pipeline never
+looks inside a method: it reads the declared capabilities below.
 
-One-shot methods implement `compress`. Methods that can work in rounds (the iterative schedule:
-compress a step, fine-tune, validate, roll back below a threshold) implement `step`. Methods that change
-the model's structure implement `meta` and `restore` so that `model.pt` reloads into the compressed form.
+Capabilities:
+    one_shot       implements `compress` (schedule.rounds = 0)
+    iterative      implements `prepare` / `step` (schedule.rounds > 0: compress a step, fine-tune,
+                   validate, roll back below a threshold)
+    requires_rounds  only meaningful in rounds (AUP): the pipeline refuses rounds = 0 with a one-line hint
+    changes_model  `compress` / `prepare` change the model (False: the `compressed` row repeats the
+                   baseline's numbers instead of measuring again)
+
+Methods that change the model's structure implement `meta` and `restore` so that `model.pt` reloads into
+the compressed form. Reparameterised layers (generated kernels, masks, fake quantisation) live in
+`compress.layers` and bake themselves; `compress.layers.deployable` turns any model into plain modules.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from compress import CompressError
+from compress.checks import require
+
+
+@dataclass
+class MethodOptions:
+    """The options of `method=none`; every method's options dataclass subclasses this one.
+
+    Field defaults are the one place a default lives (no YAML repeats them). Types are what Hydra checks
+    on an override; `__post_init__` checks ranges (raise `CompressError("method.<key>: ...")`).
+    """
+
+    name: str = "none"
+
+    def check(self, ok: bool, key: str, expected: str) -> None:
+        """For `__post_init__`: one line naming `method.<key>` and its value unless `ok`."""
+        require(ok, f"method.{key}", expected, getattr(self, key))
 
 
 @dataclass
@@ -48,13 +75,20 @@ class Context:
 class Method:
     """Base class: `method=none` is this class unchanged (evaluate and fine-tune only)."""
 
-    name = "none"
-    # True when the method only makes sense in rounds (AUP); the pipeline then requires schedule.rounds > 0.
-    requires_rounds = False
+    name: ClassVar[str] = "none"
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # Declared capabilities (see the module docstring); the pipeline reads these, nothing else.
+    one_shot: ClassVar[bool] = True
+    iterative: ClassVar[bool] = False
+    requires_rounds: ClassVar[bool] = False
+    changes_model: ClassVar[bool] = False
+    # The schedule option that runs this method as intended (named in the hint when rounds are required).
+    recipe: ClassVar[str | None] = None
 
-    def __init__(self, **params: Any):
-        if params:
-            raise CompressError(f"method.{next(iter(params))}: not an option of method '{self.name}'")
+    def __init__(self, options: MethodOptions | None = None):
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(self.options).__name__}")
 
     # -- one-shot ---------------------------------------------------------------------------------------
     def compress(self, model: nn.Module, ctx: Context) -> nn.Module:
@@ -91,11 +125,7 @@ class Method:
         """Turn a freshly built model into the structure whose parameters `state_dict` holds."""
         return model
 
-    # -- deployment and measurement --------------------------------------------------------------------
-    def export(self, model: nn.Module) -> nn.Module:
-        """The plain deployable model (e.g. kernels baked from coefficients). Default: unchanged."""
-        return model
-
+    # -- measurement ------------------------------------------------------------------------------------
     def storage_bytes(self, model: nn.Module) -> int | None:
         """Bytes to store the compressed model if it differs from the dense fp32 serialisation
         (sparse or quantised forms); None means use the serialised size."""

@@ -23,19 +23,19 @@ matrix products and a few reductions.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any, Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from compress import CompressError
-from compress.methods import register
 from compress.methods.base import Context
-from compress.methods.structured import StructuredPruning
+from compress.checks import is_count, is_number, require, require_choice
+from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.features import FEATURES, feature_scores
 
 VARIANTS = ("reference", "paper")
@@ -44,6 +44,10 @@ VARIANTS = ("reference", "paper")
 DEFAULT_BLOCK = {"reference": 2, "paper": 4}
 DEFAULT_SIGMA = {"reference": 10.0, "paper": 1.0}
 DEFAULT_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+# The Gaussian operator is built from a support of 2 * truncate * sigma taps per sample, so these bound its
+# memory; a sigma far above the map's size (224 at most here) filters to a nearly flat map anyway.
+MAX_SIGMA = 1000.0
+MAX_TRUNCATE = 100.0
 
 
 # -- per-axis operators (float64 numpy, built once per size) -----------------------------------------------
@@ -112,24 +116,23 @@ def axis_operator(variant: str, n: int, block: int, sigma: float, truncate: floa
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
-def _check(variant: str, lam: float, block: int, sigma: float, truncate: float) -> None:
-    if variant not in VARIANTS:
-        raise CompressError(f"method.variant: must be one of {', '.join(VARIANTS)}, got '{variant}'")
-    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise CompressError(f"method.lam: must be a finite number >= 0, got {lam!r}")
-    if isinstance(block, bool) or not (isinstance(block, int) and block >= 1):
-        raise CompressError(f"method.block: must be an integer >= 1, got {block!r}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise CompressError(f"method.sigma: must be a finite number >= 0, got {sigma!r}")
-    if not (isinstance(truncate, (int, float)) and math.isfinite(truncate) and truncate > 0):
-        raise CompressError(f"method.truncate: must be a finite number > 0, got {truncate!r}")
+def check_scoring(variant: str, lam: float, block: int | None, sigma: float | None, truncate: float) -> None:
+    """The scorer's arguments, checked in one place for `method=cfdp`'s options and for direct callers of
+    `channel_scores` / `frequency_maps` (block and sigma None: the variant's)."""
+    require_choice(variant, "method.variant", VARIANTS)
+    require(is_number(lam) and lam >= 0, "method.lam", "a finite number >= 0", lam)
+    require(block is None or is_count(block), "method.block", "an integer >= 1 or null", block)
+    require(sigma is None or (is_number(sigma) and 0 <= sigma <= MAX_SIGMA), "method.sigma",
+            f"a number in [0, {MAX_SIGMA:g}] or null", sigma)
+    require(is_number(truncate) and 0 < truncate <= MAX_TRUNCATE, "method.truncate", f"a number in (0, {MAX_TRUNCATE:g}]",
+            truncate)
 
 
 def _resolve(variant: str, lam: float, block: int | None, sigma: float | None, truncate: float) -> tuple[int, float]:
-    """The variant's block and sigma where not given, after checking every option (one-line errors)."""
-    block = DEFAULT_BLOCK.get(variant, 0) if block is None else block
-    sigma = DEFAULT_SIGMA.get(variant, 0.0) if sigma is None else sigma
-    _check(variant, lam, block, sigma, truncate)
+    """The variant's block and sigma where not given, after checking every argument (one-line errors)."""
+    check_scoring(variant, lam, block, sigma, truncate)
+    block = DEFAULT_BLOCK[variant] if block is None else block
+    sigma = DEFAULT_SIGMA[variant] if sigma is None else sigma
     return block, float(sigma)
 
 
@@ -192,50 +195,46 @@ def channel_scores(
 
 
 # -- the method ---------------------------------------------------------------------------------------------
-@register
-class CFDP(StructuredPruning):
-    """method=cfdp: keep the channels with the highest CFDP score (see `channel_scores` above).
+@dataclass
+class CFDPOptions(StructuredOptions):
+    """`method=cfdp`: the CFDP score's options, besides the structured ones (compress_rate, threshold,
+    step_rate: `StructuredOptions`)."""
 
-    Options (besides the structured ones: compress_rate, threshold, step_rate):
-        variant: "reference" (the public code's metric) or "paper" (the paper's formulas).
-        lam: weight of the spatial norm ||F||_F (the paper's lambda, 0.03).
-        batches, batch_size: calibration images = batches x batch_size training images (5 x 128).
-        feature: "relu" (relu(BN(conv)), as the public code's hooks) or "conv" (the raw conv output).
-        augment: score augmented calibration images (the public code's loader augments; default off).
-        block, sigma: block size and Gaussian sigma; null = the variant's (reference 2 / 10, paper 4 / 1).
-    """
+    name: str = "cfdp"
+    variant: str = "reference"  # reference (the public code's metric) | paper (the paper's formulas)
+    lam: float = 0.03  # weight of the spatial norm ||F||_F (the paper's lambda)
+    batches: int = 5  # calibration batches ...
+    batch_size: int = 128  # ... of this many training images (the public code: 5 x 128)
+    feature: str = "relu"  # relu: relu(BN(conv)) as the public code's hooks | conv: the conv's own output
+    augment: bool = False  # score augmented calibration images (the public code's loader augments)
+    block: Optional[int] = None  # block size; null: the variant's (reference 2, paper 4)
+    # Gaussian sigma; null: the variant's (reference 10 on DCT coefficients, paper 1 on the map)
+    sigma: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_scoring(self.variant, self.lam, self.block, self.sigma, DEFAULT_TRUNCATE)
+        require(is_count(self.batches), "method.batches", "an integer >= 1", self.batches)
+        require(is_count(self.batch_size), "method.batch_size", "an integer >= 1", self.batch_size)
+        require_choice(self.feature, "method.feature", FEATURES)
+        require(isinstance(self.augment, bool), "method.augment", "true or false", self.augment)
+
+
+class CFDP(StructuredPruning):
+    """method=cfdp: keep the channels with the highest CFDP score (see `channel_scores` above)."""
 
     name = "cfdp"
+    Options = CFDPOptions
 
-    def __init__(
-        self,
-        variant: str = "reference",
-        lam: float = 0.03,
-        batches: int = 5,
-        batch_size: int = 128,
-        feature: str = "relu",
-        augment: bool = False,
-        block: int | None = None,
-        sigma: float | None = None,
-        **common: Any,
-    ):
-        super().__init__(**common)
-        self.variant, self.lam = variant, lam
-        self.block, self.sigma = _resolve(variant, lam, block, sigma, DEFAULT_TRUNCATE)
-        for key, value in (("batches", batches), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CompressError(f"method.{key}: must be an integer >= 1, got {value!r}")
-        if feature not in FEATURES:
-            raise CompressError(f"method.feature: must be one of {', '.join(FEATURES)}, got '{feature}'")
-        if not isinstance(augment, bool):
-            raise CompressError(f"method.augment: must be true or false, got {augment!r}")
-        self.batches, self.batch_size, self.feature, self.augment = batches, batch_size, feature, augment
+    def __init__(self, options: CFDPOptions | None = None):
+        super().__init__(options)
+        opts = self.options
+        self.block, self.sigma = _resolve(opts.variant, opts.lam, opts.block, opts.sigma, DEFAULT_TRUNCATE)
 
     def channel_scores(self, model: nn.Module, ctx: Context, layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
+        opts = self.options
         # `channel_scores` here is the module-level scorer (a method's own name is not in scope in its body).
-        score_maps = partial(
-            channel_scores, variant=self.variant, lam=float(self.lam), block=self.block, sigma=self.sigma
-        )
-        batches = ctx.calibration_batches(self.batches, self.batch_size, augment=self.augment)
+        score_maps = partial(channel_scores, variant=opts.variant, lam=float(opts.lam), block=self.block, sigma=self.sigma)
+        batches = ctx.calibration_batches(opts.batches, opts.batch_size, augment=opts.augment)
         # Every layer is scored in the same forward passes (one per calibration batch).
-        return feature_scores(model, layers, batches, score_maps, self.feature)
+        return feature_scores(model, layers, batches, score_maps, opts.feature)

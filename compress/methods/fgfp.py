@@ -1,276 +1,29 @@
 """FGFP: Fractional Gaussian Filters (FGF) + Adaptive Unstructured Pruning (AUP).
 
-An FGF layer is an ordinary `nn.Conv2d` whose `weight` is generated, through
-`torch.nn.utils.parametrize`, from a few numbers per output channel:
-
-    W[o, ch, y, x] = A_o * D^a_x G(x - x0) * D^b_y G(y - y0) * D^c_ch G(ch - ch0)
-
-with G(u) = exp(-u^2 / (2 sigma^2)) and D^alpha the Grunwald-Letnikov (GL) fractional derivative
-truncated to `terms` terms with step `step`. Per output channel: orders a, b, c in [0, 2], centres x0, y0,
-ch0, width sigma (7 parameters) and, when `amplitude=True`, a gain A_o (8 parameters).
-
-Ranges hold by construction: order = 2 * sigmoid(raw), sigma = softplus(raw) + SIGMA_MIN, centres and
-gain unconstrained. The stored tensor is `<conv>.parametrizations.weight.original` of shape (Cout, 7|8).
+`prepare` turns the chosen convolutions into FGF layers (`compress.layers.fgf`: 7 or 8 numbers per output
+channel generate each kernel), fitted to their pretrained kernels; the rounds (`step`) are AUP's, on the
+remaining ordinary conv / linear weights. FGFP composes the two: the conversion here, the rounds by an
+`AUP` it holds. Persistence is AUP's (`pruning_meta` / `restore_pruning`: FGF layers and masks), so a
+model.pt of either method reloads through either.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, List
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from compress import CompressError
-from compress.methods import register
-from compress.methods.aup import AUP, glob_list, matches
-from compress.methods.base import Context
+from compress.checks import is_count, is_number
+from compress.layers import fgf
+from compress.methods.aup import AUP, AUPOptions, globs, matches, pruning_meta, restore_pruning
+from compress.methods.base import Context, Method
 
-# Smallest Gaussian width: keeps 1/sigma finite (and gradients usable) however far raw sigma goes.
-SIGMA_MIN = 1e-3
-GRIDS = ("unit", "pixel")
-
-
-# -- Grunwald-Letnikov ----------------------------------------------------------------------------------
-def gl_weights(order: torch.Tensor, terms: int) -> torch.Tensor:
-    """(-1)^k binom(order, k) for k < terms, shape (*order.shape, terms).
-
-    Built by the recurrence w_k = w_{k-1} (1 - (order + 1) / k) instead of Gamma functions: the Gamma form
-    has poles at integer orders (order 0, 1, 2 are exactly the cases we need), the recurrence has none and
-    ends the series by itself there (w_k = 0 for k > order).
-    """
-    k = torch.arange(1, terms, dtype=order.dtype, device=order.device)
-    factors = 1.0 - (order[..., None] + 1.0) / k
-    return torch.cat([torch.ones_like(order)[..., None], torch.cumprod(factors, dim=-1)], dim=-1)
-
-
-def grunwald_letnikov(f: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, order: Any,
-                      terms: int, step: float) -> torch.Tensor:
-    """D^order f at `points`: step^-order * sum_{k<terms} (-1)^k binom(order, k) f(points - k step).
-
-    `order` broadcasts against `points`; `f` is evaluated once on a (*points.shape, terms) tensor.
-    """
-    order = torch.as_tensor(order, dtype=points.dtype, device=points.device)
-    offsets = step * torch.arange(terms, dtype=points.dtype, device=points.device)
-    samples = f(points[..., None] - offsets)
-    weights = gl_weights(order, terms)
-    return torch.pow(torch.as_tensor(step, dtype=points.dtype), -order) * (weights * samples).sum(-1)
-
-
-def gaussian(u: torch.Tensor, centre: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    # Scale before squaring: (u - centre) / sigma stays finite for any reachable centre and sigma.
-    z = (u - centre) / sigma
-    return torch.exp(-0.5 * z * z)
-
-
-# -- the FGF kernel ----------------------------------------------------------------------------------------
-def decode(raw: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Raw (N, 7|8), columns a, b, c, x0, y0, ch0, sigma[, amplitude] -> the parameters within their ranges."""
-    params = {
-        "a": 2.0 * torch.sigmoid(raw[:, 0]), "b": 2.0 * torch.sigmoid(raw[:, 1]), "c": 2.0 * torch.sigmoid(raw[:, 2]),
-        "x0": raw[:, 3], "y0": raw[:, 4], "ch0": raw[:, 5], "sigma": F.softplus(raw[:, 6]) + SIGMA_MIN,
-    }
-    params["amplitude"] = raw[:, 7] if raw.shape[1] == 8 else torch.ones_like(raw[:, 0])
-    return params
-
-
-def encode(a, b, c, x0, y0, ch0, sigma, amplitude=None) -> torch.Tensor:
-    """Inverse of `decode` for values strictly inside the ranges (used to build initial guesses)."""
-    def order_raw(o):
-        return torch.logit(torch.as_tensor(o) / 2.0)
-    sigma_raw = torch.log(torch.expm1(torch.as_tensor(sigma) - SIGMA_MIN))
-    cols = [order_raw(a), order_raw(b), order_raw(c), x0, y0, ch0, sigma_raw]
-    if amplitude is not None:
-        cols.append(amplitude)
-    cols = torch.broadcast_tensors(*[torch.as_tensor(v, dtype=torch.float32) for v in cols])
-    return torch.stack(cols, dim=-1)
-
-
-def axis_factor(coords: torch.Tensor, centre: torch.Tensor, sigma: torch.Tensor, order: torch.Tensor,
-                terms: int, step: float, stride: int | None = None) -> torch.Tensor:
-    """D^order G(u - centre) sampled at `coords` (n,), for N channels at once: (N, n).
-
-    With `stride` (the sample spacing is exactly `stride` GL steps, e.g. the pixel grid with h = 1/4) every
-    point u_i - k h lies on one lattice of spacing h, so G is evaluated once per lattice point, (N, (n-1)
-    stride + terms) values instead of (N, n, terms), and the GL sum is a strided grouped 1-D correlation.
-    Same numbers as `grunwald_letnikov` (tested); about 8x faster on a 512-channel axis.
-    """
-    if stride is None:
-        def g(u: torch.Tensor) -> torch.Tensor:
-            return gaussian(u, centre[:, None, None], sigma[:, None, None])
-        return grunwald_letnikov(g, coords.expand(centre.shape[0], -1), order[:, None], terms, step)
-    n = coords.shape[0]
-    lattice = coords[:1] + step * (torch.arange((n - 1) * stride + terms, dtype=coords.dtype,
-                                                device=coords.device) - (terms - 1))
-    samples = gaussian(lattice, centre[:, None], sigma[:, None])  # (N, M)
-    weights = gl_weights(order, terms) * torch.pow(torch.as_tensor(step, dtype=order.dtype), -order)[:, None]
-    # conv1d correlates: out[i] = sum_m weights[L-1-m] * samples[i*stride + m] = sum_k w_k G(u_i - k h).
-    return F.conv1d(samples[None], weights.flip(-1)[:, None, :], stride=stride, groups=samples.shape[0])[0]
-
-
-def lattice_stride(size: int, kind: str, step: float) -> int | None:
-    """How many GL steps one sample spacing of `grid(size, kind)` is, when that is a whole number."""
-    if size == 1:
-        return 1
-    ratio = (1.0 if kind == "pixel" else 2.0 / (size - 1)) / step
-    return round(ratio) if round(ratio) >= 1 and abs(ratio - round(ratio)) < 1e-6 * ratio else None
-
-
-def fgf_factors(raw: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], terms: int,
-                step: float, strides: tuple[int | None, ...] = (None, None, None)
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The separable factors (amplitude (N,), channel (N, C), row (N, KH), column (N, KW)).
-
-    With a gain column (8 parameters) each factor is scaled to unit L2 norm, so the kernel's Frobenius
-    norm is exactly |amplitude|. That spans the same kernels as the unnormalised product (the gain absorbs
-    the scale) but keeps the gain meaningful when the Gaussian is narrow and barely touches the sample
-    points: the unnormalised product then underflows to ~1e-20 and the gain needed to compensate (and the
-    gradients through it) overflow.
-    """
-    p = decode(raw)
-    coords_c, coords_y, coords_x = coords
-    fc = axis_factor(coords_c, p["ch0"], p["sigma"], p["c"], terms, step, strides[0])
-    fy = axis_factor(coords_y, p["y0"], p["sigma"], p["b"], terms, step, strides[1])
-    fx = axis_factor(coords_x, p["x0"], p["sigma"], p["a"], terms, step, strides[2])
-    if raw.shape[1] == 8:
-        fc, fy, fx = (F.normalize(f, dim=1, eps=1e-30) for f in (fc, fy, fx))
-    return p["amplitude"], fc, fy, fx
-
-
-def fgf_kernel(raw: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], terms: int,
-               step: float, strides: tuple[int | None, ...] = (None, None, None)) -> torch.Tensor:
-    """Kernels (N, C, KH, KW) from raw parameters (N, 7|8)."""
-    amp, fc, fy, fx = fgf_factors(raw, coords, terms, step, strides)
-    return amp[:, None, None, None] * fc[:, :, None, None] * fy[:, None, :, None] * fx[:, None, None, :]
-
-
-def grid(size: int, kind: str, device=None) -> torch.Tensor:
-    """Sample positions along one kernel axis: 'unit' spreads them over [-1, 1] (so one sigma fits a
-    3-tap spatial axis and a 64-channel axis alike); 'pixel' uses integer offsets from the centre."""
-    if kind == "unit":
-        return torch.linspace(-1.0, 1.0, size, device=device) if size > 1 else torch.zeros(1, device=device)
-    return torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
-
-
-# -- fitting to a pretrained kernel ----------------------------------------------------------------------
-def initial_guess(kernel: torch.Tensor, coords, order: float) -> torch.Tensor:
-    """Raw (Cout, 7): centred on the input channel with the most energy (the FGF's channel factor is one
-    bump, so that channel is where most of the fit comes from), spatially centred, sigma 0.5, all three
-    orders `order`."""
-    strongest = kernel.detach().pow(2).sum((2, 3)).argmax(dim=1)
-    ch0 = coords[0][strongest].cpu()
-    zeros = torch.zeros(kernel.shape[0])
-    return encode(order, order, order, zeros, zeros, ch0, 0.5).to(kernel.device, kernel.dtype)
-
-
-def fit_fgf(kernel: torch.Tensor, coords, terms: int, step: float, amplitude: bool, steps: int, lr: float,
-            init_orders: list[float], strides: tuple[int | None, ...] = (None, None, None)) -> torch.Tensor:
-    """Raw FGF parameters (Cout, 7|8) whose kernels approximate `kernel` (Cout, C, KH, KW) in MSE.
-
-    All output channels and all restarts (one per initial order) are fitted as one batch by Adam; each
-    channel keeps its best restart. With `amplitude` the gain is not a free variable of the descent: at
-    every step it is the closed-form least-squares gain of the current unit-norm shape, <W, S>
-    (variable projection), which makes the fit insensitive to the kernel's scale and sign.
-    """
-    n, restarts = kernel.shape[0], len(init_orders)
-    target = kernel.detach().repeat(restarts, 1, 1, 1)
-    target_energy = target.pow(2).sum((1, 2, 3))
-
-    def residual(r: torch.Tensor) -> torch.Tensor:
-        # ||W - g S||^2 from the separable factors, without building the (N, C, KH, KW) kernels: the
-        # inner product <W, S> is one contraction, and ||S||^2 is the product of the factors' norms.
-        gain_col = torch.ones_like(r[:, :1]) if amplitude else None
-        _, fc, fy, fx = fgf_factors(r if gain_col is None else torch.cat([r, gain_col], dim=1), coords, terms, step,
-                                    strides)
-        inner = torch.einsum("ncyx,nc,ny,nx->n", target, fc, fy, fx)
-        if amplitude:  # unit-norm shape, optimal gain <W, S>
-            return target_energy - inner.pow(2)
-        shape_energy = fc.pow(2).sum(1) * fy.pow(2).sum(1) * fx.pow(2).sum(1)
-        return target_energy - 2 * inner + shape_energy
-
-    raw = torch.cat([initial_guess(kernel, coords, o) for o in init_orders]).requires_grad_(True)
-    with torch.enable_grad():
-        optimiser = torch.optim.Adam([raw], lr=lr)
-        for _ in range(steps):
-            optimiser.zero_grad(set_to_none=True)
-            residual(raw).sum().backward()
-            optimiser.step()
-    with torch.no_grad():
-        best = residual(raw).view(restarts, n).nan_to_num(math.inf).argmin(dim=0)
-        chosen = raw.detach().view(restarts, n, -1)[best, torch.arange(n, device=raw.device)]
-        if amplitude:
-            _, fc, fy, fx = fgf_factors(torch.cat([chosen, torch.ones_like(chosen[:, :1])], dim=1), coords, terms, step,
-                                        strides)
-            gain = torch.einsum("ncyx,nc,ny,nx->n", kernel.detach(), fc, fy, fx)
-            chosen = torch.cat([chosen, gain[:, None]], dim=1)
-    return chosen.to(kernel.dtype)
-
-
-class FractionalGaussianKernel(nn.Module):
-    """Parametrization of a conv `weight` (Cout, C, KH, KW) by raw FGF parameters (Cout, 7|8).
-
-    `right_inverse` (called by `register_parametrization` and by `conv.weight = kernel`) fits the
-    parameters to the given kernel; a (Cout, 7|8) tensor is taken as raw parameters as it is.
-    """
-
-    def __init__(self, weight_shape: tuple[int, ...], terms: int, step: float, grid_kind: str, amplitude: bool,
-                 fit_steps: int, fit_lr: float, fit_init_orders: list[float]):
-        super().__init__()
-        out_channels, in_channels, kh, kw = weight_shape
-        self.out_channels, self.terms, self.step, self.amplitude = out_channels, terms, step, amplitude
-        self.grid_kind = grid_kind
-        self.n_params = 8 if amplitude else 7
-        self.fit_steps, self.fit_lr, self.fit_init_orders = fit_steps, fit_lr, list(fit_init_orders)
-        # Non-persistent: derived from the shape, so they stay out of state_dict but follow .to(device).
-        self.register_buffer("coords_c", grid(in_channels, grid_kind), persistent=False)
-        self.register_buffer("coords_y", grid(kh, grid_kind), persistent=False)
-        self.register_buffer("coords_x", grid(kw, grid_kind), persistent=False)
-        self.strides = tuple(lattice_stride(size, grid_kind, step) for size in (in_channels, kh, kw))
-
-    @property
-    def coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.coords_c, self.coords_y, self.coords_x
-
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        # Generated in full precision even inside a mixed-precision region; the conv casts it as it needs.
-        with torch.autocast(raw.device.type, enabled=False):
-            return fgf_kernel(raw.float(), self.coords, self.terms, self.step, self.strides).to(raw.dtype)
-
-    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
-        if value.dim() == 2 and value.shape == (self.out_channels, self.n_params):
-            return value
-        return fit_fgf(value, self.coords, self.terms, self.step, self.amplitude, self.fit_steps, self.fit_lr,
-                       self.fit_init_orders, self.strides)
-
-    def spec(self) -> dict:
-        """What `restore` needs to rebuild this parametrization (plain data for model.pt's meta)."""
-        return {"terms": self.terms, "step": self.step, "grid": self.grid_kind, "amplitude": self.amplitude}
-
-    def extra_repr(self) -> str:
-        return f"params_per_channel={self.n_params}, terms={self.terms}, step={self.step}, grid={self.grid_kind}"
-
-
-def fgf_layer_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m, "weight")
-            and isinstance(m.parametrizations.weight[0], FractionalGaussianKernel)]
-
-
-def fgf_meta(model: nn.Module) -> dict[str, dict]:
-    """{layer name: spec} of every FGF layer, read from the model itself."""
-    return {name: model.get_submodule(name).parametrizations.weight[0].spec() for name in fgf_layer_names(model)}
-
-
-def restore_fgf(model: nn.Module, meta: dict[str, dict]) -> nn.Module:
-    """Rebuild the FGF layers described by `fgf_meta` on a freshly built model (no fitting: the fitted
-    numbers come from state_dict right after)."""
-    modules = dict(model.named_modules())
-    for name, spec in meta.items():
-        if not isinstance(modules.get(name), nn.Conv2d):
-            raise CompressError(f"model.pt: FGF layer '{name}' is not a Conv2d of this architecture")
-        convert(model, [name], spec, 0, 1.0, [1.0])
-    return model
+# Bounds on what the options make us build: the GL sum's length (a tensor dimension) and the fit's
+# restarts (copies of every kernel). Far beyond useful values (15 terms, 3 restarts).
+MAX_TERMS = 100
+MAX_RESTARTS = 16
 
 
 def select_layers(model: nn.Module, layers: Any) -> list[str]:
@@ -285,110 +38,101 @@ def select_layers(model: nn.Module, layers: Any) -> list[str]:
         ranked = sorted(enumerate(convs), key=lambda ic: (ic[1][1].in_channels, ic[0]), reverse=True)
         chosen = {name for _, (name, _) in ranked[:layers]}
         return [name for name, _ in convs if name in chosen]
-    patterns = glob_list(layers, "layers")
+    patterns = globs(layers)
     chosen = [name for name, _ in convs if matches(name, patterns)]
     if not chosen:
         raise CompressError(f"method.layers: {patterns} matches no Conv2d layer")
     return chosen
 
 
-def convert(model: nn.Module, names: list[str], spec: dict, fit_steps: int, fit_lr: float,
-            fit_init_orders: list[float]) -> dict[str, float]:
-    """Turn the named convs into FGF layers in place, each fitted to its current kernel.
+@dataclass
+class FGFPOptions(AUPOptions):
+    """FGFP: Fractional Gaussian Filters (chosen convs become 7-parameter-per-output-channel generated
+    kernels, fitted to the pretrained ones in `prepare`), then AUP rounds on the remaining conv / linear
+    weights: AUP's options (pr, prune_layers, keep_layers) plus the FGF ones below. See docs/fgfp.md."""
 
-    Returns the relative fitting error ||W_fgf - W|| / ||W|| per layer.
-    """
-    modules = dict(model.named_modules())
-    errors = {}
-    for name in names:
-        conv = modules[name]
-        pretrained = conv.weight.detach().clone()
-        fgk = FractionalGaussianKernel(tuple(conv.weight.shape), spec["terms"], spec["step"], spec["grid"],
-                                       spec["amplitude"], fit_steps, fit_lr, fit_init_orders).to(conv.weight.device)
-        parametrize.register_parametrization(conv, "weight", fgk)
-        with torch.no_grad():
-            errors[name] = float((conv.weight - pretrained).norm() / pretrained.norm().clamp_min(1e-30))
-    return errors
+    name: str = "fgfp"
+    # which convs become FGFs: glob pattern(s) over module names, or N = the N convs with the most input channels
+    layers: Any = 6
+    # Grunwald-Letnikov terms L
+    terms: int = 15
+    # Grunwald-Letnikov step h (in grid units)
+    step: float = 0.25
+    # sample positions: pixel (integer offsets, channel index too) | unit (every axis on [-1, 1])
+    grid: str = "pixel"
+    # a per-output-channel gain (8 parameters per channel instead of 7)
+    amplitude: bool = True
+    # Adam steps fitting each FGF layer to its pretrained kernel (batched over output channels)
+    fit_steps: int = 100
+    fit_lr: float = 0.05
+    # restarts: initial a = b = c; each channel keeps its best
+    fit_init_orders: List[float] = field(default_factory=lambda: [0.25, 1.0, 1.75])
+    # AUP's options (above, inherited) prune the remaining ordinary conv / linear weights in the rounds;
+    # prune_layers: [] = the FGF conversion alone (the rounds end at once).
 
-
-def plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    """A new ordinary Conv2d holding `conv`'s current (generated) kernel and bias."""
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        plain.weight.copy_(conv.weight)
-        if conv.bias is not None:
-            plain.bias.copy_(conv.bias)
-    return plain
+    def __post_init__(self) -> None:
+        super().__post_init__()
 
 
-def bake_fgf(model: nn.Module) -> nn.Module:
-    """Replace every FGF layer by a plain Conv2d with the kernel it generates, in place.
+        def positive(v: Any) -> bool:
+            return is_number(v) and v > 0
 
-    New modules rather than `remove_parametrizations`: a deep copy of a parametrized module shares its
-    generated class with the original, and removing the parametrization from the copy deletes the
-    `weight` property from that shared class, breaking the original (torch 2.x behaviour).
-    """
-    for name in fgf_layer_names(model):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, plain_conv(model.get_submodule(name)))
-    return model
-
-
-def check_options(terms, step, grid_kind, amplitude, fit_steps, fit_lr, fit_init_orders) -> None:
-    if isinstance(terms, bool) or not isinstance(terms, int) or terms < 1:
-        raise CompressError(f"method.terms: expected an integer >= 1, got {terms!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
-        raise CompressError(f"method.step: expected a number > 0, got {step!r}")
-    if grid_kind not in GRIDS:
-        raise CompressError(f"method.grid: expected one of {', '.join(GRIDS)}, got {grid_kind!r}")
-    if not isinstance(amplitude, bool):
-        raise CompressError(f"method.amplitude: expected true or false, got {amplitude!r}")
-    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
-        raise CompressError(f"method.fit_steps: expected an integer >= 0, got {fit_steps!r}")
-    if isinstance(fit_lr, bool) or not isinstance(fit_lr, (int, float)) or not fit_lr > 0:
-        raise CompressError(f"method.fit_lr: expected a number > 0, got {fit_lr!r}")
-    if (not isinstance(fit_init_orders, (list, tuple)) or not fit_init_orders
-            or not all(isinstance(o, (int, float)) and 0 < o < 2 for o in fit_init_orders)):
-        raise CompressError(f"method.fit_init_orders: expected a non-empty list of orders in (0, 2), "
-                            f"got {fit_init_orders!r}")
+        layers, orders = self.layers, self.fit_init_orders
+        self.check(is_count(layers) or isinstance(layers, str) or isinstance(layers, (list, tuple))
+              and len(layers) > 0 and all(isinstance(v, str) for v in layers),
+              "layers", "a number of layers >= 1, a glob pattern or a list of them")
+        self.check(is_count(self.terms, 1, MAX_TERMS), "terms", f"an integer in [1, {MAX_TERMS}]")
+        self.check(positive(self.step), "step", "a finite number > 0")
+        self.check(self.grid in fgf.GRIDS, "grid", f"one of {', '.join(fgf.GRIDS)}")
+        self.check(isinstance(self.amplitude, bool), "amplitude", "true or false")
+        self.check(is_count(self.fit_steps, 0), "fit_steps", "an integer >= 0")
+        self.check(positive(self.fit_lr), "fit_lr", "a finite number > 0")
+        self.check(isinstance(orders, (list, tuple)) and 1 <= len(orders) <= MAX_RESTARTS
+              and all(positive(o) and o < 2 for o in orders), "fit_init_orders", f"1 to {MAX_RESTARTS} orders in (0, 2)")
 
 
-@register
-class FGFP(AUP):
+class FGFP(Method):
     """FGF conversion of the chosen layers (`prepare`), then AUP rounds on the remaining weights (`step`)."""
 
     name = "fgfp"
-    # With schedule.rounds=0 FGFP is the FGF conversion alone (compress = prepare).
-    requires_rounds = False
+    Options = FGFPOptions
+    one_shot = False
+    iterative = True
+    # Without rounds FGFP would be the conversion alone, half the method: the pipeline asks for rounds.
+    requires_rounds = True
+    changes_model = True
+    recipe = "fgfp_cifar"
 
-    def __init__(self, layers: Any = 6, terms: int = 15, step: float = 0.25, grid: str = "pixel",
-                 amplitude: bool = True, fit_steps: int = 100, fit_lr: float = 0.05,
-                 fit_init_orders: Any = (0.25, 1.0, 1.75), pr: float = 0.05, prune_layers: Any = "*",
-                 keep_layers: Any = None, **unknown: Any):
-        super().__init__(pr=pr, prune_layers=prune_layers, keep_layers=keep_layers, **unknown)
-        fit_init_orders = list(fit_init_orders) if isinstance(fit_init_orders, tuple) else fit_init_orders
-        check_options(terms, step, grid, amplitude, fit_steps, fit_lr, fit_init_orders)
-        if not (isinstance(layers, int) and not isinstance(layers, bool)):
-            glob_list(layers, "layers")
-        self.fgf_layers = layers
-        self.spec = {"terms": terms, "step": float(step), "grid": grid, "amplitude": amplitude}
-        self.fit_steps, self.fit_lr = fit_steps, float(fit_lr)
-        self.fit_init_orders = [float(o) for o in fit_init_orders]
+    def __init__(self, options: FGFPOptions | None = None):
+        super().__init__(options)
+        o = self.options
+        self.spec = {"terms": o.terms, "step": float(o.step), "grid": o.grid, "amplitude": o.amplitude}
+        self.rounds = AUP(AUPOptions(pr=o.pr, prune_layers=o.prune_layers, keep_layers=o.keep_layers))
 
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        names = select_layers(model, self.fgf_layers)
+        o = self.options
+        names = select_layers(model, o.layers)
         before = sum(p.numel() for p in model.parameters())
-        fit_steps = min(self.fit_steps, 2) if ctx.quick else self.fit_steps
-        errors = convert(model, names, self.spec, fit_steps, self.fit_lr, self.fit_init_orders)
+        fit_steps = min(o.fit_steps, 2) if ctx.quick else o.fit_steps
+        errors = fgf.convert(model, names, self.spec, fit_steps, float(o.fit_lr), [float(v) for v in o.fit_init_orders])
         after = sum(p.numel() for p in model.parameters())
         for name, err in errors.items():
             ctx.log.info("fgfp: %s -> FGF, relative fit error %.3f", name, err)
         ctx.log.info("fgfp: %d layers converted, parameters %d -> %d", len(names), before, after)
         return model
 
-    def compress(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return self.prepare(model, ctx)
+    def step(self, model: nn.Module, ctx: Context, round_index: int, step_scale: float) -> nn.Module | None:
+        if not self.rounds.prune_layers:
+            ctx.log.info("fgfp: method.prune_layers is empty: FGF conversion only, no pruning rounds")
+            return None
+        return self.rounds.step(model, ctx, round_index, step_scale)
 
-    # meta / restore / export / storage_bytes are AUP's: they handle FGF layers as well as masks.
+    def meta(self, model: nn.Module) -> dict:
+        return pruning_meta(model)
+
+    @classmethod
+    def restore(cls, model: nn.Module, meta: dict, state_dict: dict) -> nn.Module:
+        return restore_pruning(model, meta, state_dict)
+
+    def storage_bytes(self, model: nn.Module) -> int | None:
+        return self.rounds.storage_bytes(model)

@@ -21,17 +21,19 @@ of `batch * chunk_size * Cin * H * W` spectra. FFT linearity avoids building the
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compress import CompressError
-from compress.methods import register
-from compress.methods.structured import StructuredPruning
+from compress.checks import is_count, is_number, require
+from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.features import FEATURES, run_hooked
 
 SPECTRA = ("log", "magnitude", "power")
@@ -378,25 +380,60 @@ def layer_fidelities(
 
 
 # -- the method ------------------------------------------------------------------------------------------------
-def _check_choice(key: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise CompressError(f"method.{key}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
+# ae_samples sizes every layer's training set (ae_samples x H*W floats per layer, all held at once): bounded
+# so that a mistyped count fails at once instead of exhausting memory (16x the default).
+MAX_AE_SAMPLES = 65536
+# Smoke runs (ctx.quick) train each autoencoder for a token budget: one epoch over this many spectra.
+QUICK_AE_SAMPLES = 256
 
 
-def _check_int(key: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CompressError(f"method.{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
+@dataclass
+class SCAPOptions(StructuredOptions):
+    """`method=scap`. Its own defaults of the structured options: a fidelity `threshold` of 0.6 (the paper's),
+    with `compress_rate` 1.0 as the cap (no cap: a layer still keeps one channel)."""
+
+    name: str = "scap"
+    # with a threshold: the most a group may lose (1.0: no cap, one channel always stays); without: the rate spec
+    compress_rate: Any = 1.0
+    # prune a channel when fidelity - l1_weight * l1n > threshold (the paper: 0.6); null: rate spec only
+    threshold: Optional[float] = 0.6
+    l1_weight: float = 0.0  # additive fusion with the filter L1 norm / the layer's largest (higher protects heavy filters)
+    spectrum: str = "log"  # log: log(1+|F|) | magnitude: |F| | power: |F|^2 ; each spectrum then scaled to unit L2 norm
+    output: str = "relu"  # relu: Y = relu(BN(conv output)) | conv: the conv's raw output
+    # per image, scale to unit RMS: channel (X as a whole, each Y_j alone) | layer (Y as a whole) | none
+    balance: str = "channel"
+    resize: str = "nearest"  # how a strided output is resized to the input's size: nearest | bilinear | bicubic | area
+    ae_hidden: int = 8  # autoencoder bottleneck width (one hidden ReLU layer, D -> hidden -> D) ...
+    ae_ratio: float = 0.25  # ... never wider than this fraction of the spectrum length D = H*W (at least 1)
+    ae_epochs: int = 10  # autoencoder training: epochs over its training spectra ...
+    ae_lr: float = 1e-2  # ... Adam learning rate ...
+    ae_batch_size: int = 256  # ... minibatch size ...
+    ae_samples: int = 4096  # ... and number of training spectra per layer, random (image, out, in) planes
+    ae_loss: str = "mse"  # mse | cosine (1 - cosine similarity)
+    ae_center: bool = False  # subtract the layer's mean training spectrum before the autoencoder (and the cosine)
+    batches: int = 4  # calibration batches ...
+    batch_size: int = 64  # ... of this many training images (256 images)
+    chunk_size: Optional[int] = 8  # output channels whose spectra are built at once (memory vs. speed); null: whole layer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(is_number(self.l1_weight), "method.l1_weight", "a finite number", self.l1_weight)
+        for key, choices in (("spectrum", SPECTRA), ("output", OUTPUTS), ("balance", BALANCES),
+                             ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
+            self.check(getattr(self, key) in choices, key, f"one of {', '.join(choices)}")
+        for key in ("ae_hidden", "ae_batch_size", "batches", "batch_size"):
+            self.check(is_count(getattr(self, key)), key, "an integer >= 1")
+        require(is_count(self.ae_epochs, minimum=0), "method.ae_epochs", "an integer >= 0", self.ae_epochs)
+        require(is_count(self.ae_samples) and self.ae_samples <= MAX_AE_SAMPLES, "method.ae_samples",
+                f"an integer in [1, {MAX_AE_SAMPLES}]", self.ae_samples)
+        # A bottleneck as wide as the spectrum would reconstruct everything (and ae_ratio caps ae_hidden's memory).
+        require(is_number(self.ae_ratio) and 0 < self.ae_ratio <= 1, "method.ae_ratio", "a number in (0, 1]", self.ae_ratio)
+        require(is_number(self.ae_lr) and self.ae_lr > 0, "method.ae_lr", "a positive number", self.ae_lr)
+        require(isinstance(self.ae_center, bool), "method.ae_center", "true or false", self.ae_center)
+        require(self.chunk_size is None or is_count(self.chunk_size), "method.chunk_size", "an integer >= 1 or null",
+                self.chunk_size)
 
 
-def _check_number(key: str, value, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
-        raise CompressError(f"method.{key}: must be a {'positive ' if positive else ''}number, got {value!r}")
-    return float(value)
-
-
-@register
 class SCAP(StructuredPruning):
     """SCAP: prune the output channels whose spectral interaction field an autoencoder reconstructs well.
 
@@ -407,70 +444,43 @@ class SCAP(StructuredPruning):
     """
 
     name = "scap"
+    Options = SCAPOptions
 
-    def __init__(
-        self,
-        threshold: float | None = 0.6,
-        compress_rate=1.0,
-        l1_weight: float = 0.0,
-        spectrum: str = "log",
-        output: str = "relu",
-        resize: str = "nearest",
-        balance: str = "channel",
-        ae_hidden: int = 8,
-        ae_ratio: float = 0.25,
-        ae_epochs: int = 10,
-        ae_lr: float = 1e-2,
-        ae_batch_size: int = 256,
-        ae_samples: int = 4096,
-        ae_loss: str = "mse",
-        ae_center: bool = False,
-        batches: int = 4,
-        batch_size: int = 64,
-        chunk_size: int | None = 8,
-        **common,
-    ):
-        if threshold is not None:
-            threshold = _check_number("threshold", threshold)
-        super().__init__(compress_rate=compress_rate, threshold=None if threshold is None else 1.0 - threshold, **common)
-        self.l1_weight = _check_number("l1_weight", l1_weight)
-        self.spectrum_opts = SpectrumOptions(
-            spectrum=_check_choice("spectrum", spectrum, SPECTRA),
-            resize=_check_choice("resize", resize, RESIZE_MODES),
-            balance=_check_choice("balance", balance, BALANCES),
-            output=_check_choice("output", output, OUTPUTS),
-        )
-        if not isinstance(ae_center, bool):
-            raise CompressError(f"method.ae_center: must be true or false, got {ae_center!r}")
-        self.ae_opts = AutoencoderOptions(
-            hidden=_check_int("ae_hidden", ae_hidden),
-            ratio=_check_number("ae_ratio", ae_ratio, positive=True),
-            epochs=_check_int("ae_epochs", ae_epochs, 0),
-            lr=_check_number("ae_lr", ae_lr, positive=True),
-            batch_size=_check_int("ae_batch_size", ae_batch_size),
-            samples=_check_int("ae_samples", ae_samples),
-            loss=_check_choice("ae_loss", ae_loss, AE_LOSSES),
-            center=ae_center,
-        )
-        self.batches = _check_int("batches", batches)
-        self.batch_size = _check_int("batch_size", batch_size)
-        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size)
+    def __init__(self, options: SCAPOptions | None = None):
+        super().__init__(options)
+        opts = self.options
+        self.spectrum_opts = SpectrumOptions(spectrum=opts.spectrum, resize=opts.resize, balance=opts.balance,
+                                             output=opts.output)
+        self.ae_opts = AutoencoderOptions(hidden=opts.ae_hidden, ratio=float(opts.ae_ratio), epochs=opts.ae_epochs,
+                                          lr=float(opts.ae_lr), batch_size=opts.ae_batch_size, samples=opts.ae_samples,
+                                          loss=opts.ae_loss, center=opts.ae_center)
+
+    def keep_threshold(self, threshold: float | None) -> float | None:
+        """Fidelity above `threshold` prunes; the engine prunes keep scores (1 - fidelity + ...) below 1 - threshold."""
+        return None if threshold is None else 1.0 - float(threshold)
+
+    def autoencoder_budget(self, quick: bool) -> AutoencoderOptions:
+        """The autoencoders' training options; for a smoke run (`ctx.quick`) one epoch over a few spectra."""
+        if not quick:
+            return self.ae_opts
+        return dataclasses.replace(self.ae_opts, epochs=min(self.ae_opts.epochs, 1),
+                                   samples=min(self.ae_opts.samples, QUICK_AE_SAMPLES))
 
     def fidelities(self, model: nn.Module, ctx, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """Fidelity (C,) per layer, averaged over `batches` x `batch_size` calibration images (seeded by ctx.seed)."""
+        opts = self.options
         return layer_fidelities(
             model,
             layers,
-            lambda: ctx.calibration_batches(self.batches, self.batch_size),
-            self.batches,
+            lambda: ctx.calibration_batches(opts.batches, opts.batch_size),
+            opts.batches,
             self.spectrum_opts,
-            self.ae_opts,
-            self.chunk_size,
+            self.autoencoder_budget(ctx.quick),
+            opts.chunk_size,
             ctx.seed,
         )
 
     def channel_scores(self, model, ctx, layers):
         fidelity = self.fidelities(model, ctx, layers)
-        return {
-            name: keep_scores(fidelity[name], layer_l1(conv.weight).cpu(), self.l1_weight) for name, conv in layers.items()
-        }
+        l1_weight = float(self.options.l1_weight)
+        return {name: keep_scores(fidelity[name], layer_l1(conv.weight).cpu(), l1_weight) for name, conv in layers.items()}

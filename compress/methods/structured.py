@@ -6,20 +6,28 @@ additions, concatenations, BatchNorm/Linear neighbours form one group), turns th
 number of channels to keep per group, removes the lowest-scoring channels by real surgery (the result is
 an ordinary, smaller nn.Module), and saves/restores the pruned shapes.
 
-To add a criterion, subclass `StructuredPruning`, give it a `name`, register it, and implement
-`channel_scores`:
+To add a criterion, give it an options dataclass extending `StructuredOptions` (its `name` default is the
+method's name; range checks in `__post_init__`), subclass `StructuredPruning`, list the class in
+`compress/methods/__init__.py`, and implement `channel_scores`:
 
-    @register
+    @dataclass
+    class MineOptions(StructuredOptions):
+        name: str = "mine"
+        feature: str = "relu"   # relu: relu(BN(conv)) | conv: the conv's own output
+        batches: int = 5        # calibration batches ...
+        batch_size: int = 128   # ... of this many training images
+
+        def __post_init__(self) -> None:
+            super().__post_init__()   # compress_rate, threshold, step_rate
+            require_choice(self.feature, "method.feature", FEATURES)
+
     class MyCriterion(StructuredPruning):
         name = "mine"
-
-        def __init__(self, feature: str = "relu", batches: int = 5, batch_size: int = 128, **common):
-            super().__init__(**common)        # compress_rate, threshold, step_rate (and the error for unknown keys)
-            self.feature, self.batches, self.batch_size = feature, batches, batch_size
+        Options = MineOptions
 
         def channel_scores(self, model, ctx, layers):
-            batches = ctx.calibration_batches(self.batches, self.batch_size)
-            return feature_scores(model, layers, batches, my_score_fn, self.feature)   # compress.prune.features
+            batches = ctx.calibration_batches(self.options.batches, self.options.batch_size)
+            return feature_scores(model, layers, batches, my_score_fn, self.options.feature)   # compress.prune.features
 
 Scores: one float per output channel of every layer in `layers`, higher = keep. When several convolutions
 share one channel group (e.g. all block outputs of a ResNet stage, tied by the residual additions), their
@@ -29,55 +37,80 @@ across layers of a group; with `threshold` set they are compared with one number
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from compress import CompressError
-from compress.methods.base import Context, Method
-from compress.methods import register
+from compress.checks import is_count, is_number, require, require_choice
+from compress.methods.base import Context, Method, MethodOptions
 from compress.prune import engine
 from compress.prune.features import FEATURES, feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
 from compress.prune.rates import RateSpec, paper_rate
 
 
-class StructuredPruning(Method):
-    """Abstract base (not registered): prune output channels by the scores of `channel_scores`.
+def parse_compress_rate(value: Any) -> RateSpec | None:
+    """The parsed rate spec; None for "paper", which names a list per architecture (resolved when the model
+    arrives). Parsing here makes a bad rate fail before any heavy work."""
+    return None if value == "paper" else RateSpec.parse(value)
 
-    Options shared by all structured criteria (each is a `method.<key>` in the config):
-        compress_rate: fraction of channels to REMOVE: a float for every group; a dict of layer-name glob
-            patterns -> float (`{"layer3.*.conv1": 0.5}`; first matching pattern wins, unmatched groups
-            are not pruned); or the HRank/CFDP per-architecture list notation as a string
-            (`"[0.]+[0.18]*29"`), mapped to layers as in HRank's code. Kept channels: int(C * (1 - rate)),
-            never fewer than 1.
-        threshold: if not None, prune every channel whose (group-averaged) score is below this number; the
-            rate of each group is then the most it may lose (rate 0: untouched, 1.0: no cap; a layer keeps
-            at least one channel). For criteria whose scores are comparable across layers.
-        step_rate: iterative schedule only: each round removes `step_rate * step_scale` of each group's
-            remaining channels (at least one), never going past the target given by the rate spec.
+
+@dataclass
+class StructuredOptions(MethodOptions):
+    """Options shared by all structured criteria (`method.<key>`); each criterion's options extend these.
+
+    compress_rate: fraction of channels to REMOVE: a float for every group; a dict of layer-name glob
+        patterns -> float (`{"layer3.*.conv1": 0.5}`; first matching pattern wins, unmatched groups are not
+        pruned); the HRank/CFDP per-architecture list notation as a string (`"[0.]+[0.18]*29"`), mapped to
+        layers as in HRank's code; or "paper". Kept channels: int(C * (1 - rate)), never fewer than 1.
+    threshold: if not None, prune every channel whose (group-averaged) score is below this number; the rate
+        of each group is then the most it may lose (rate 0: untouched, 1.0: no cap; a layer keeps at least
+        one channel). For criteria whose scores are comparable across layers.
+    step_rate: iterative schedule only: each round removes `step_rate * step_scale` of each group's
+        remaining channels (at least one), never going past the target given by the rate spec.
     """
 
-    name = "structured"
+    name: str = "structured"
+    # fraction of channels to REMOVE: float | {glob: rate} | "[0.]+[0.18]*29" (HRank layout) | paper (the
+    # CFDP/HRank tables' list for resnet56, vgg16_bn, googlenet, resnet50_imagenet)
+    compress_rate: Any = "paper"
+    # prune every channel scoring below this, in the groups the rate covers (rate = max removed)
+    threshold: Optional[float] = None
+    # iterative schedule: fraction of a group's remaining channels removed per round (x step_scale)
+    step_rate: float = 0.1
 
-    def __init__(
-        self,
-        compress_rate: Any = 0.5,
-        threshold: float | None = None,
-        step_rate: float = 0.1,
-        **params: Any,
-    ):
-        super().__init__(**params)
-        # "paper" is resolved against the architecture when the model arrives.
-        self.rates = None if compress_rate == "paper" else RateSpec.parse(compress_rate)
-        if threshold is not None and not isinstance(threshold, (int, float)):
-            raise CompressError(f"method.threshold: must be a number or null, got {threshold!r}")
-        self.threshold = None if threshold is None else float(threshold)
-        if not isinstance(step_rate, (int, float)) or not 0 < step_rate <= 1:
-            raise CompressError(f"method.step_rate: must be a number in (0, 1], got {step_rate!r}")
-        self.step_rate = float(step_rate)
+    def __post_init__(self) -> None:
+        # Not a field: the parsed form of `compress_rate` (None = "paper"), for the method.
+        self.rate_spec = parse_compress_rate(self.compress_rate)
+        require(self.threshold is None or is_number(self.threshold), "method.threshold", "a finite number or null",
+                self.threshold)
+        require(is_number(self.step_rate) and 0 < self.step_rate <= 1, "method.step_rate", "a number in (0, 1]",
+                self.step_rate)
+
+
+class StructuredPruning(Method):
+    """Abstract base (not registered): prune output channels by the scores of `channel_scores`, as the
+    options (`StructuredOptions`: compress_rate, threshold, step_rate) say."""
+
+    name = "structured"
+    Options = StructuredOptions
+    one_shot = True
+    iterative = True
+    changes_model = True
+
+    def __init__(self, options: StructuredOptions | None = None):
+        super().__init__(options)
+        self.rates: RateSpec | None = self.options.rate_spec  # None: "paper", resolved when the model arrives
+        self.threshold = self.keep_threshold(self.options.threshold)
+        self.step_rate = float(self.options.step_rate)
         self._original_channels: dict[str, int] = {}  # group name -> channels before any pruning
+
+    def keep_threshold(self, threshold: float | None) -> float | None:
+        """`threshold` on the engine's scale (prune below it, higher = keep); a criterion whose option is
+        on another scale converts it here."""
+        return None if threshold is None else float(threshold)
 
     # -- what a criterion implements -------------------------------------------------------------------
     def channel_scores(self, model: nn.Module, ctx: Context, layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
@@ -150,48 +183,73 @@ class StructuredPruning(Method):
         return plan.group_scores(scores, groups)
 
 
-@register
+@dataclass
+class L1Options(StructuredOptions):
+    """`method=l1`: L1-norm filter pruning (Li et al. 2017). Needs no data."""
+
+    name: str = "l1"
+
+
 class L1Pruning(StructuredPruning):
     """Keep the filters with the largest L1 norm (Li et al. 2017). Needs no data."""
 
     name = "l1"
+    Options = L1Options
 
     def channel_scores(self, model, ctx, layers):
         return l1_scores(layers)
 
 
-@register
+@dataclass
+class RandomOptions(StructuredOptions):
+    """`method=random`: random channel pruning, the baseline a criterion has to beat (a `threshold`
+    compares with scores uniform in [0, 1))."""
+
+    name: str = "random"
+    seed: Optional[int] = None  # seed of the random scores; null: the run's seed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        in_range = is_count(self.seed, minimum=-(2**63)) and self.seed < 2**64  # what torch.Generator takes
+        require(self.seed is None or in_range, "method.seed", "an integer in [-2^63, 2^64) or null", self.seed)
+
+
 class RandomPruning(StructuredPruning):
     """Keep random channels: the baseline any criterion must beat. `seed` null = the run's seed."""
 
     name = "random"
-
-    def __init__(self, seed: int | None = None, **common: Any):
-        super().__init__(**common)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise CompressError(f"method.seed: must be an integer or null, got {seed!r}")
-        self.seed = seed
+    Options = RandomOptions
 
     def channel_scores(self, model, ctx, layers):
-        return random_scores(layers, ctx.seed if self.seed is None else self.seed)
+        seed = ctx.seed if self.options.seed is None else self.options.seed
+        return random_scores(layers, seed)
 
 
-@register
+@dataclass
+class HRankOptions(StructuredOptions):
+    """`method=hrank`: HRank (Lin et al. 2020), the average matrix rank of each channel's feature maps (a
+    `threshold` compares with the average rank)."""
+
+    name: str = "hrank"
+    feature: str = "relu"  # relu: rank of relu(BN(conv)), as HRank's hooks | conv: rank of the conv's own output
+    batches: int = 5  # calibration batches (HRank: 5) ...
+    batch_size: int = 128  # ... of this many training images, no augmentation (HRank: 128)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice(self.feature, "method.feature", FEATURES)
+        require(is_count(self.batches), "method.batches", "an integer >= 1", self.batches)
+        require(is_count(self.batch_size), "method.batch_size", "an integer >= 1", self.batch_size)
+
+
 class HRankPruning(StructuredPruning):
     """HRank (Lin et al. 2020): keep the channels whose feature maps have the highest average rank,
     over `batches` calibration batches of `batch_size` training images, one forward pass per batch."""
 
     name = "hrank"
-
-    def __init__(self, feature: str = "relu", batches: int = 5, batch_size: int = 128, **common: Any):
-        super().__init__(**common)
-        if feature not in FEATURES:
-            raise CompressError(f"method.feature: must be one of {', '.join(FEATURES)}, got {feature!r}")
-        for key, value in (("batches", batches), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CompressError(f"method.{key}: must be a positive integer, got {value!r}")
-        self.feature, self.batches, self.batch_size = feature, batches, batch_size
+    Options = HRankOptions
 
     def channel_scores(self, model, ctx, layers):
-        batches = ctx.calibration_batches(self.batches, self.batch_size)
-        return feature_scores(model, layers, batches, hrank_map_score, self.feature)
+        opts = self.options
+        batches = ctx.calibration_batches(opts.batches, opts.batch_size)
+        return feature_scores(model, layers, batches, hrank_map_score, opts.feature)

@@ -8,17 +8,25 @@ Three forms of `method.compress_rate` (fraction of channels to REMOVE, in [0, 1]
 - the HRank/CFDP per-architecture list notation, as a string: `"[0.]+[0.18]*29"`, parsed by the tiny
   grammar below (never evaluated) and mapped to layers by `compress.prune.layouts`.
 The number of channels a group keeps is `keep_count(channels, rate)`.
+
+Everything built from a user's value is bounded before it is built (the text, each repeat count, the
+expanded list, the number of patterns), and the grammar's regular expressions run in linear time, so no
+rate can hang a run or exhaust memory: the largest architecture here takes a few hundred rates.
 """
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from compress import CompressError
 
 KEY = "method.compress_rate"
+MAX_TEXT = 10_000  # characters of a rate string, and of a layer-name pattern
+MAX_RATES = 10_000  # rates in an expanded list (also the largest repeat count)
+MAX_PATTERNS = 1_000  # layer-name patterns in a dict
 
 # `compress_rate: paper`: the rate lists the HRank/CFDP tables compare at, per architecture.
 PAPER_RATES = {
@@ -35,41 +43,67 @@ def paper_rate(arch: str, key: str = KEY) -> str:
                             f"{', '.join(PAPER_RATES)} only, not {arch}; give a rate")
     return PAPER_RATES[arch]
 
+
 # list   := term ('+' term)*
 # term   := '[' number (',' number)* ']' ('*' int)?
-_TERM = re.compile(r"\[\s*([^\[\]]*?)\s*\]\s*(?:\*\s*(\d+))?")
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# No two adjacent parts of these patterns can match the same characters, so matching is linear in the text
+# (the earlier `\[\s*(.*?)\s*\]` form took minutes on a bracket followed by 8,000 spaces).
+_TERM = re.compile(r"\[([^\[\]]*)\]\s*(?:\*\s*(\d+))?")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def parse_rate_list(text: str, key: str = KEY) -> list[float]:
     """Parse `"[0.]+[0.18]*29"`-style notation into a list of floats (here: 30 values).
 
     Grammar: terms joined by '+'; a term is a bracketed, comma-separated list of numbers, optionally
-    repeated with '*<int>'. Whitespace is ignored. Every rate must lie in [0, 1].
+    repeated with '*<int>'. Whitespace is ignored. Every rate must lie in [0, 1]. At most MAX_TEXT
+    characters and MAX_RATES rates once expanded, checked before anything is expanded.
     """
     if not isinstance(text, str) or not text.strip():
         raise CompressError(f"{key}: expected a rate list such as '[0.]+[0.18]*29', got {text!r}")
-    rates: list[float] = []
-    for part in text.split("+"):
-        part = part.strip()
-        match = _TERM.fullmatch(part)
-        if match is None:
-            raise CompressError(f"{key}: cannot parse '{part}' in '{text}' (expected '[numbers]' or '[numbers]*count')")
-        items = [item.strip() for item in match.group(1).split(",")]
-        if not all(_NUMBER.fullmatch(item) for item in items):
-            raise CompressError(f"{key}: '{part}' must hold comma-separated numbers")
-        repeat = int(match.group(2)) if match.group(2) is not None else 1
-        if repeat == 0:
-            raise CompressError(f"{key}: '{part}' repeats zero times")
-        rates += [float(item) for item in items] * repeat
+    _check_length(text, key)
+    terms = [_parse_term(part.strip(), text, key) for part in text.split("+")]
+    total = sum(len(items) * repeat for items, repeat in terms)
+    if total > MAX_RATES:
+        raise CompressError(f"{key}: the rate list expands to {total} rates; at most {MAX_RATES} are allowed")
+    rates = [rate for items, repeat in terms for rate in items * repeat]
     for rate in rates:
         check_rate(rate, key)
     return rates
 
 
+def _check_length(text: str, key: str) -> None:
+    if len(text) > MAX_TEXT:
+        raise CompressError(f"{key}: {len(text)} characters; at most {MAX_TEXT} are allowed")
+
+
+def _parse_term(part: str, text: str, key: str) -> tuple[list[float], int]:
+    """One '[numbers]*count' term -> (its numbers, its repeat count), the count bounded before use."""
+    match = _TERM.fullmatch(part)
+    if match is None:
+        raise CompressError(f"{key}: cannot parse '{_short(part)}' in '{_short(text)}' (expected '[numbers]' or "
+                            f"'[numbers]*count')")
+    items = [item.strip() for item in match.group(1).split(",")]
+    if not all(_NUMBER.fullmatch(item) for item in items):
+        raise CompressError(f"{key}: '{_short(part)}' must hold comma-separated numbers")
+    # The count's digits are measured before int() reads them: Python refuses int() of thousands of digits.
+    digits = "1" if match.group(2) is None else (match.group(2).lstrip("0") or "0")
+    if len(digits) > len(str(MAX_RATES)) or int(digits) > MAX_RATES:
+        raise CompressError(f"{key}: '{_short(part)}' repeats more than {MAX_RATES} times")
+    repeat = int(digits)
+    if repeat == 0:
+        raise CompressError(f"{key}: '{_short(part)}' repeats zero times")
+    return [float(item) for item in items], repeat
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """`text` cut for an error line (a user's string may be thousands of characters)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_rate(rate: Any, key: str = KEY) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
-        raise CompressError(f"{key}: rates must be numbers in [0, 1], got {rate!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise CompressError(f"{key}: rates must be numbers in [0, 1], got {_short(repr(rate))}")
     return float(rate)
 
 
@@ -98,25 +132,22 @@ class RateSpec:
             return cls(uniform=check_rate(value, key), text=str(value))
         if isinstance(value, str):
             stripped = value.strip()
+            _check_length(stripped, key)
             if _NUMBER.fullmatch(stripped):
                 return cls(uniform=check_rate(float(stripped), key), text=stripped)
             return cls(listed=tuple(parse_rate_list(stripped, key)), text=stripped)
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):  # a dict, or OmegaConf's DictConfig
+            return cls(patterns=_parse_patterns(value, key), text=str(dict(value)))
+        if isinstance(value, Sequence):  # a list, or OmegaConf's ListConfig (str is handled above)
             if not value:
-                raise CompressError(f"{key}: the pattern dict is empty")
-            patterns = []
-            for pattern, rate in value.items():
-                if not isinstance(pattern, str) or not pattern:
-                    raise CompressError(f"{key}: pattern keys must be layer-name globs, got {pattern!r}")
-                patterns.append((pattern, check_rate(rate, f"{key}.{pattern}")))
-            return cls(patterns=tuple(patterns), text=str(dict(value)))
-        if isinstance(value, (list, tuple)):
-            rates = tuple(check_rate(rate, key) for rate in value)
-            if not rates:
                 raise CompressError(f"{key}: the rate list is empty")
+            if len(value) > MAX_RATES:
+                raise CompressError(f"{key}: {len(value)} rates; at most {MAX_RATES} are allowed")
+            rates = tuple(check_rate(rate, key) for rate in value)
             return cls(listed=rates, text=str(list(rates)))
         raise CompressError(
-            f"{key}: expected a float, a dict of layer patterns, or a list such as '[0.]+[0.18]*29'; got {value!r}"
+            f"{key}: expected a float, a dict of layer patterns, or a list such as '[0.]+[0.18]*29'; got "
+            f"{_short(repr(value))}"
         )
 
     def pattern_rate(self, layer_names: Iterable[str]) -> float | None:
@@ -126,3 +157,17 @@ class RateSpec:
             if any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 return rate
         return None
+
+
+def _parse_patterns(value: Mapping, key: str) -> tuple[tuple[str, float], ...]:
+    """{glob: rate} -> ((glob, rate), ...) in the dict's order, the number of patterns bounded first."""
+    if not value:
+        raise CompressError(f"{key}: the pattern dict is empty")
+    if len(value) > MAX_PATTERNS:
+        raise CompressError(f"{key}: {len(value)} layer patterns; at most {MAX_PATTERNS} are allowed")
+    patterns = []
+    for pattern, rate in value.items():
+        if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_TEXT:
+            raise CompressError(f"{key}: pattern keys must be layer-name globs, got {_short(repr(pattern))}")
+        patterns.append((pattern, check_rate(rate, f"{key}.{_short(pattern)}")))
+    return tuple(patterns)

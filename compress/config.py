@@ -1,0 +1,284 @@
+"""The typed configuration of `compress run`: Hydra structured configs.
+
+Every key of every config group has a type and a default here, and only here. The YAML files in
+`configs/` are named presets: they set what differs from these defaults. Hydra checks each override's
+type against these dataclasses while composing (`method.lam=abc`, `seed=true`, an unknown key: one line,
+exit 2); `OmegaConf.to_object` then builds the dataclasses, whose `__post_init__` checks ranges and
+choices and raises `CompressError("<key>: ...")`.
+
+Groups: `dataset` (DatasetConfig), `arch` (ArchConfig), `method` (each method's own `Options`, registered
+from `compress.methods.METHODS`), `schedule` and `pretrain` (ScheduleConfig), `measure`, `paths`,
+`limits` (caps for quick runs; the `debug=smoke` preset sets them), `experiment` (YAML files and the
+ApproxConv table in `configs/tables/`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+from compress import CompressError
+from compress.checks import is_count, is_number, require, require_choice
+
+# Anything a user string may make us build is bounded; these bounds are far beyond any real run.
+MAX_COUNT = 10_000_000          # images, epochs x batches, repeats ...
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+
+
+def _fail(key: str, message: str) -> None:
+    raise CompressError(f"{key}: {message}")
+
+
+def _int_in(key: str, value: Any, low: int, high: int = MAX_COUNT, allow_none: bool = False) -> None:
+    require((value is None and allow_none) or is_count(value, low, high), key,
+            f"{'null or ' if allow_none else ''}an integer in [{low}, {high}]", value)
+
+
+def _number_in(key: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+               allow_none: bool = False) -> None:
+    ok = is_number(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    require((value is None and allow_none) or ok, key, f"{'null or ' if allow_none else ''}a number in {span}", value)
+
+
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    name: str = "cifar10"          # cifar10 | imagenet | synthetic
+    root: Optional[str] = None     # data folder; null: look for <name>/ in each of paths.data
+    download: bool = False         # let torchvision download CIFAR-10 into root when missing (needs internet)
+    num_classes: int = 10
+    image_size: int = 32
+    val_size: int = 5000           # held out of the training set; every decision (best epoch, rollback) uses it
+    train_size: Optional[int] = None   # limit the training images (quick runs); null: all that remain after val
+    test_size: Optional[int] = None    # limit the test images; null: all of them
+    split_seed: int = 0            # the val split is fixed by this, not by the run seed
+
+    def __post_init__(self) -> None:
+        require_choice(self.name, "dataset.name", ("cifar10", "imagenet", "synthetic"))
+        _int_in("dataset.num_classes", self.num_classes, 2, 100_000)
+        _int_in("dataset.image_size", self.image_size, 8, 1024)
+        _int_in("dataset.val_size", self.val_size, 1)
+        _int_in("dataset.train_size", self.train_size, 1, allow_none=True)
+        _int_in("dataset.test_size", self.test_size, 1, allow_none=True)
+        _int_in("dataset.split_seed", self.split_seed, 0, MAX_SEED)
+
+
+@dataclass
+class ArchConfig:
+    name: str = MISSING
+    # A local path, a URL (downloaded once into paths.cache, hash-checked; a same-named file in paths.weights
+    # is used first), "torchvision" (ImageNet archs), "random" (random initial weights), or null (pretrain
+    # with the pretrain schedule and cache the result).
+    checkpoint: Optional[str] = None
+    mean: List[float] = MISSING    # input normalisation these weights expect (on [0, 1] RGB)
+    std: List[float] = MISSING
+
+    def __post_init__(self) -> None:
+        from compress import models
+
+        if self.name == MISSING:  # the schema's own default, before a preset fills it
+            return
+        if self.name not in models.names():
+            _fail("arch.name", f"unknown architecture '{self.name}' (known: {', '.join(models.names())})")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                _fail(f"arch.{key}", f"must be three finite numbers (R, G, B), got {values!r}")
+        if not all(s > 0 for s in self.std):
+            _fail("arch.std", f"must be positive, got {self.std!r}")
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            _fail("arch.checkpoint", "is empty (give a path, a URL, torchvision, random or null)")
+
+
+SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
+
+
+@dataclass
+class ScheduleConfig:
+    """Fine-tuning (and, as `pretrain`, training from scratch) plus the iterative schedule."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5.0e-4
+    nesterov: bool = True
+    batch_size: int = 128
+    scheduler: str = "cosine"      # constant | multistep | cosine | onecycle
+    milestones: List[int] = field(default_factory=list)   # epochs, for multistep
+    gamma: float = 0.1
+    warmup_epochs: int = 0         # linear warm-up from lr/10 (not with onecycle, which warms up itself)
+    label_smoothing: float = 0.0
+    channels_last: bool = True
+    amp: bool = True               # mixed precision, CUDA only
+    compile: bool = False          # torch.compile, CUDA only (opt-in)
+    max_batches: Optional[int] = None   # cap batches per epoch (quick runs)
+    # Iterative schedule: rounds of (method step, fine-tune round_epochs, validate); 0 = one-shot.
+    rounds: int = 0
+    round_epochs: int = 1
+    prepare_epochs: int = 0        # fine-tune after the method's `prepare` (e.g. FGF conversion), before round 1 (row round_0)
+    min_top1: Optional[float] = None   # roll a round back when validation top-1 falls below this (absolute, %)
+    max_drop: Optional[float] = None   # ... or more than this many points below the baseline's validation top-1
+    on_rollback: str = "stop"      # stop | shrink (retry with step_scale * shrink_factor)
+    shrink_factor: float = 0.5
+    max_rollbacks: int = 3
+
+    def check(self, group: str) -> None:
+        k = lambda name: f"{group}.{name}"  # noqa: E731
+        _int_in(k("epochs"), self.epochs, 0, 100_000)
+        _number_in(k("lr"), self.lr, 0, 1e3, low_open=True)
+        _number_in(k("momentum"), self.momentum, 0, 1, high_open=True)
+        _number_in(k("weight_decay"), self.weight_decay, 0, 1)
+        _int_in(k("batch_size"), self.batch_size, 1, 65_536)
+        require_choice(self.scheduler, k("scheduler"), SCHEDULERS)
+        for m in self.milestones:
+            _int_in(k("milestones"), m, 0, 100_000)
+        _number_in(k("gamma"), self.gamma, 0, 1, low_open=True)
+        _int_in(k("warmup_epochs"), self.warmup_epochs, 0, 100_000)
+        _number_in(k("label_smoothing"), self.label_smoothing, 0, 1, high_open=True)
+        _int_in(k("max_batches"), self.max_batches, 1, allow_none=True)
+        _int_in(k("rounds"), self.rounds, 0, 10_000)
+        _int_in(k("round_epochs"), self.round_epochs, 0, 100_000)
+        _int_in(k("prepare_epochs"), self.prepare_epochs, 0, 100_000)
+        _number_in(k("min_top1"), self.min_top1, 0, 100, allow_none=True)
+        _number_in(k("max_drop"), self.max_drop, 0, 100, allow_none=True)
+        require_choice(self.on_rollback, k("on_rollback"), ("stop", "shrink"))
+        _number_in(k("shrink_factor"), self.shrink_factor, 0, 1, low_open=True, high_open=True)
+        _int_in(k("max_rollbacks"), self.max_rollbacks, 0, 10_000)
+
+
+@dataclass
+class MeasureConfig:
+    latency: bool = True           # CPU latency at batch 1 and 64 (torch.utils.benchmark)
+    latency_repeats: int = 7       # median of this many timed repeats (after warm-up)
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        _int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
+        _int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
+
+
+@dataclass
+class PathsConfig:
+    """Where to look for data and weights when a config names none (or only a URL's file name)."""
+
+    data: List[str] = field(default_factory=lambda: ["${oc.env:COMPRESS_DATA,data}", "../shared"])
+    weights: List[str] = field(default_factory=lambda: ["${oc.env:COMPRESS_WEIGHTS,weights}", "../shared/pretrained"])
+    cache: str = "${oc.env:COMPRESS_CACHE,'~/.cache/compress'}"
+
+
+@dataclass
+class LimitsConfig:
+    """Caps for quick runs, applied to `schedule` and `pretrain` and to calibration (null: no cap).
+    The `debug=smoke` preset (what `smoke=true` selects) sets them."""
+
+    epochs: Optional[int] = None       # caps epochs, prepare_epochs and round_epochs
+    rounds: Optional[int] = None
+    batches: Optional[int] = None      # batches per epoch
+    batch_size: Optional[int] = None   # training and calibration batch size
+    calibration_batches: Optional[int] = None
+    quick: bool = False                # methods cut their own optimisation budgets (kernel fits, autoencoders)
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "rounds", "batches", "batch_size", "calibration_batches"):
+            _int_in(f"limits.{key}", getattr(self, key), 0 if key in ("epochs", "rounds") else 1, allow_none=True)
+
+    def cap(self, value: int, limit: Optional[int]) -> int:
+        return value if limit is None else min(value, limit)
+
+    def schedule(self, s: ScheduleConfig) -> ScheduleConfig:
+        """`s` with these caps applied."""
+        cap_batches = s.max_batches if self.batches is None else self.cap(s.max_batches or self.batches, self.batches)
+        return dataclasses.replace(
+            s, epochs=self.cap(s.epochs, self.epochs), prepare_epochs=self.cap(s.prepare_epochs, self.epochs),
+            round_epochs=self.cap(s.round_epochs, self.epochs), rounds=self.cap(s.rounds, self.rounds),
+            batch_size=self.cap(s.batch_size, self.batch_size), max_batches=cap_batches,
+            compile=s.compile and not self.quick)
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    method: Any = MISSING          # the chosen method's Options dataclass (compress.methods)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pretrain: ScheduleConfig = field(default_factory=ScheduleConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    resume: bool = False           # continue the run in hydra.run.dir from its last finished epoch / stage
+    smoke: bool = False            # set by debug=smoke (what smoke=true selects): synthetic data, random weights, caps
+    threads: Optional[int] = None  # torch intra-op threads (null: torch's default)
+    run_id: str = "${now:%Y%m%d-%H%M%S}"
+
+    def __post_init__(self) -> None:
+        _int_in("seed", self.seed, 0, MAX_SEED)
+        require_choice(self.device, "device", ("auto", "cpu", "cuda"))
+        _int_in("threads", self.threads, 1, MAX_THREADS, allow_none=True)
+        if not self.paths.cache.strip():
+            _fail("paths.cache", "is empty")
+        if dataclasses.is_dataclass(self.schedule):
+            self.schedule.check("schedule")
+            self.pretrain.check("pretrain")
+            self.schedule = self.limits.schedule(self.schedule)
+            self.pretrain = self.limits.schedule(self.pretrain)
+
+
+# ----------------------------------------------------------------------------------------------------
+_registered = False
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore: the root schema (`config_schema`, first in
+    configs/config.yaml's defaults), every method's options as `method/<name>`, and the experiment
+    table's rows as `experiment/<name>`. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    from compress.experiments import register_experiments
+    from compress.methods import METHODS
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, cls in METHODS.items():
+        cs.store(group="method", name=name, node=cls.Options)
+    register_experiments(cs)
+    _registered = True
+
+
+def to_config(cfg) -> Config:
+    """The composed DictConfig as typed dataclasses, with every range checked (CompressError)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        cause = e.__cause__ if isinstance(e.__cause__, CompressError) else None
+        if cause is not None:
+            raise cause from None
+        key = getattr(e, "full_key", None)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CompressError(f"{key}: {first}" if key else first) from None
+    if not dataclasses.is_dataclass(config.method):
+        raise CompressError("method: choose a method group option (method=<name>)")
+    return config
+
+
+def compose(overrides: list[str]) -> Config:
+    """Compose and check a config from command-line style overrides, without running anything
+    (tests and tools; `compress run` goes through Hydra's own entry point)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="compress.configs", version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=overrides))

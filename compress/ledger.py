@@ -1,0 +1,108 @@
+"""The run ledger: a run directory's resumable state (`state.pt`) and its rows (`metrics.csv`).
+
+Every finished stage is recorded twice, in this order: into `state.pt` (written atomically, with the
+model and the method's state as they are after the stage) and then appended to `metrics.csv`. A resumed
+run rewrites `metrics.csv` from the state, so the file never holds a row twice or a row the state lacks.
+Inside a fine-tune, the state also holds the last finished epoch (`train`), so a killed fine-tune resumes
+at its epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress import CompressError, checkpoints, results
+
+log = logging.getLogger("compress")
+
+
+def fingerprint(config: dict) -> str:
+    """What must be equal for `resume=true` to continue a run (where it runs and how fast do not count)."""
+    keep = {k: v for k, v in config.items() if k not in ("resume", "run_id", "threads", "overrides")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunLedger:
+    def __init__(self, run_dir: Path, state: dict[str, Any]):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.csv"
+        self.state_path = run_dir / "state.pt"
+        self.state = state
+
+    @classmethod
+    def open(cls, run_dir: Path, *, resume: bool, config_fingerprint: str, run_id: str) -> "RunLedger":
+        """A new ledger, or (resume) the one the directory holds; refuses to overwrite a run, or to
+        resume one started with another config."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ledger = cls(run_dir, {})
+        if resume and ledger.state_path.is_file():
+            try:
+                ledger.state = torch.load(ledger.state_path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CompressError(f"resume: {ledger.state_path} is not a readable run state "
+                                    f"({type(e).__name__}); start a new run dir") from e
+            if ledger.state.get("config") != config_fingerprint:
+                raise CompressError(f"resume: the config differs from the one {run_dir} was started with; "
+                                    "resume with the same overrides, or start a new run dir")
+            results.write_rows(ledger.metrics_path, ledger.rows)
+            log.info("resuming %s: stages done: %s", run_dir, ", ".join(r["stage"] for r in ledger.rows) or "none")
+        elif ledger.metrics_path.exists() or ledger.state_path.exists():
+            raise CompressError(f"hydra.run.dir: {run_dir} already holds a run; pass resume=true to continue it, "
+                                "or choose another hydra.run.dir")
+        else:
+            ledger.state = {"run_id": run_id, "config": config_fingerprint, "rows": []}
+        return ledger
+
+    # -- reading ------------------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.state["run_id"]
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.state.setdefault("rows", [])
+
+    @property
+    def baseline(self) -> dict | None:
+        return self.rows[0] if self.rows else None
+
+    def done(self, stage: str) -> bool:
+        return any(r["stage"] == stage for r in self.rows)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.state.get(key, default)
+
+    @property
+    def saved_model(self) -> dict | None:
+        """The packed model as of the last recorded stage (None before the first)."""
+        return self.state.get("model")
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def save(self, packed_model: dict | None = None, method_state: dict | None = None, **extra: Any) -> None:
+        self.state.update(extra)
+        if packed_model is not None:
+            self.state["model"] = packed_model
+            self.state["method_state"] = method_state or {}
+        checkpoints.atomic_save(self.state, self.state_path)
+
+    def record(self, row: dict, packed_model: dict, method_state: dict, **extra: Any) -> None:
+        """A stage is done: its row goes into the state (atomically), then into metrics.csv."""
+        self.rows.append(row)
+        self.save(packed_model, method_state, train=None, **extra)
+        results.append_row(self.metrics_path, row)
+        log.info("%-10s top-1 %.2f (val %.2f)  params %s (nonzero %s)  MACs %.2fM  %s", row["stage"], row["top1"],
+                 row["val_top1"], row["params"], row["params_nonzero"], row["macs"] / 1e6, row.get("status", ""))
+
+    def fit_resume_state(self, stage: str) -> dict | None:
+        """The per-epoch fine-tuning state saved inside `stage`, if it was interrupted there."""
+        prior = self.state.get("train")
+        return prior["fit"] if prior and prior["stage"] == stage else None
+
+    def save_fit(self, stage: str, fit_state: dict) -> None:
+        self.state["train"] = {"stage": stage, "fit": fit_state}
+        checkpoints.atomic_save(self.state, self.state_path)

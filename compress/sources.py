@@ -1,0 +1,102 @@
+"""Where a run's starting model comes from (`arch.checkpoint`):
+
+- a local path or a URL (checkpoints.resolve): a plain state dict (the published CIFAR ResNets), or this
+  project's own `model.pt`, restored into its compressed form;
+- "torchvision": torchvision's ImageNet weights for the `*_imagenet` archs;
+- "random": the architecture's random initial weights (smoke runs);
+- null: trained here with the `pretrain` schedule, once, and cached under `paths.cache/pretrained`
+  (an interrupted pretraining resumes from its last epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from compress import CompressError, checkpoints, methods, models, train
+from compress.config import ScheduleConfig
+from compress.data.base import Data
+
+log = logging.getLogger("compress")
+
+
+def unpack(packed: dict, arch: str, num_classes: int) -> nn.Module:
+    """A model from this project's own format, restoring any compressed structure."""
+    if packed.get("arch") != arch:
+        raise CompressError(f"arch.checkpoint: the file holds a '{packed.get('arch')}' model, not arch.name={arch}")
+    if packed.get("method") not in methods.METHODS:
+        raise CompressError(f"arch.checkpoint: the file was written by an unknown method {packed.get('method')!r}")
+    model = models.build(arch, num_classes)
+    model = methods.get(packed["method"]).restore(model, packed.get("meta") or {}, packed["state_dict"])
+    checkpoints.load_into(model, packed["state_dict"], "the saved model")
+    return model
+
+
+def from_file(spec: str, arch: str, num_classes: int, weights_dirs: Sequence[str], cache: Path) -> nn.Module:
+    path = checkpoints.resolve(spec, weights_dirs, cache)
+    obj = checkpoints.read(path)
+    log.info("weights: %s", path)
+    if obj.get("format") == checkpoints.FORMAT:
+        return unpack(obj, arch, num_classes)
+    model = models.build(arch, num_classes)
+    checkpoints.load_into(model, checkpoints.plain_state_dict(obj), str(path))
+    return model
+
+
+def from_torchvision(arch: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    model = models.build(arch, num_classes)
+    name = arch.removesuffix("_imagenet")
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        state_dict = weights.get_state_dict(progress=True)
+    except Exception as e:
+        raise CompressError(f"arch.checkpoint: could not fetch torchvision's {name} weights ({type(e).__name__}); "
+                            "offline? pass arch.checkpoint=/path/to/weights.pth") from e
+    checkpoints.load_into(model, state_dict, f"torchvision {name}")
+    return model
+
+
+def pretrained_here(arch: str, data: Data, dataset_key: dict, pretrain: ScheduleConfig, *, seed: int, cache: Path,
+                    device: torch.device, eval_batch_size: int) -> nn.Module:
+    """No checkpoint given: train from scratch with the pretrain schedule, once; cache the result."""
+    key = hashlib.sha256(json.dumps([arch, data.name, data.source, data.num_classes, dataset_key,
+                                     dataclasses.asdict(pretrain), seed], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
+    final = cache / "pretrained" / f"{arch}-{data.name}-{key}.pt"
+    partial = final.with_suffix(".partial.pt")
+    if final.is_file():
+        log.info("weights: pretrained earlier, cached at %s", final)
+        return unpack(checkpoints.read(final), arch, data.num_classes)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    resume = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
+    log.info("arch.checkpoint is null: pretraining %s for %d epochs (cache: %s)", arch, pretrain.epochs, final)
+    model = models.build(arch, data.num_classes).to(device)
+    model, _ = train.fit(model, data.train, data.val, pretrain, device, seed=seed, resume=resume,
+                         on_epoch_end=lambda s: checkpoints.atomic_save(s, partial), desc="pretrain",
+                         eval_batch_size=eval_batch_size)
+    checkpoints.atomic_save(checkpoints.pack(model, arch, "none", {}), final)
+    partial.unlink(missing_ok=True)
+    return model
+
+
+def starting_model(config, data: Data, device: torch.device) -> nn.Module:
+    """The model `config.arch.checkpoint` names (see the module docstring)."""
+    arch, spec = config.arch.name, config.arch.checkpoint
+    cache = Path(config.paths.cache).expanduser()
+    if spec == "random":
+        log.info("weights: random initialisation (arch.checkpoint=random)")
+        return models.build(arch, data.num_classes)
+    if spec is None:
+        return pretrained_here(arch, data, dataclasses.asdict(config.dataset), config.pretrain, seed=config.seed,
+                               cache=cache, device=device, eval_batch_size=config.measure.eval_batch_size)
+    if spec == "torchvision":
+        return from_torchvision(arch, data.num_classes)
+    return from_file(spec, arch, data.num_classes, config.paths.weights, cache)

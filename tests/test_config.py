@@ -1,0 +1,155 @@
+"""The typed configuration, the pieces the pipeline is made of (ledger, iterative schedule, LR schedule),
+and the library-based measurements (MACs, latency)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from compress import CompressError, measure, models
+from compress.config import LimitsConfig, ScheduleConfig, compose
+from compress.ledger import RunLedger, fingerprint
+from compress.rounds import IterativeSchedule
+from compress.train import make_scheduler
+
+
+# -- composition and checks -------------------------------------------------------------------------------
+def test_default_job_composes_to_typed_config():
+    config = compose([])
+    assert (config.arch.name, config.method.name, config.dataset.name) == ("resnet56", "cfdp", "cifar10")
+    assert config.method.compress_rate == "paper"  # one default, in the options dataclass
+    assert config.schedule.epochs == 1 and config.pretrain.epochs == 200 and config.pretrain.milestones == [100, 150]
+    assert type(config.method).__name__ == "CFDPOptions" or dataclasses.is_dataclass(config.method)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=-1", "seed"), ("threads=-2", "threads"), ("threads=0", "threads"), ("device=gpu", "device"),
+    ("schedule.lr=0", "schedule.lr"), ("schedule.momentum=1.5", "schedule.momentum"),
+    ("schedule.scheduler=linear", "schedule.scheduler"), ("dataset.val_size=0", "dataset.val_size"),
+    ("measure.latency_repeats=0", "measure.latency_repeats"), ("pretrain.batch_size=0", "pretrain.batch_size"),
+    ("schedule.min_top1=101", "schedule.min_top1"), ("seed=99999999999999999999", "seed"),
+])
+def test_out_of_range_values_name_their_key(override, key):
+    with pytest.raises(CompressError) as e:
+        compose([override])
+    assert str(e.value).startswith(f"{key}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["schedule.epochs=abc", "schedule.epochs=true", "schedule.lr=true",
+                                      "measure.latency=maybe", "schedule.nosuchkey=1"])
+def test_wrong_types_and_unknown_keys_fail_at_composition(override):
+    from hydra.errors import HydraException
+
+    with pytest.raises((HydraException, CompressError)):
+        compose([override])
+
+
+def test_smoke_preset_caps_every_schedule_and_keeps_one_shot_runs_one_shot():
+    one_shot = compose(["debug=smoke"])
+    assert one_shot.dataset.name == "synthetic" and one_shot.arch.checkpoint == "random"
+    assert one_shot.schedule.rounds == 0 and one_shot.schedule.epochs == 1 and one_shot.schedule.max_batches == 2
+    fgfp = compose(["experiment=fgfp_resnet20", "debug=smoke"])
+    assert (fgfp.schedule.rounds, fgfp.schedule.epochs, fgfp.schedule.prepare_epochs, fgfp.schedule.batch_size) == (2, 1, 1, 16)
+    assert fgfp.limits.quick and not fgfp.measure.latency
+
+
+def test_limits_never_raise_a_value():
+    limits = LimitsConfig(epochs=3, rounds=5, batches=10, batch_size=64)
+    capped = limits.schedule(ScheduleConfig(epochs=1, rounds=0, batch_size=16, max_batches=4))
+    assert (capped.epochs, capped.rounds, capped.batch_size, capped.max_batches) == (1, 0, 16, 4)
+
+
+# -- the LR schedule: SequentialLR gives the hand-written warm-up schedule's values ----------------------------
+def _old_lambda(sched: ScheduleConfig, steps_per_epoch: int):
+    """The schedule as the project computed it before (one LambdaLR), as an oracle."""
+    total = max(1, sched.epochs * steps_per_epoch)
+    warm = sched.warmup_epochs * steps_per_epoch
+    if sched.scheduler == "constant":
+        main = lambda step: 1.0  # noqa: E731
+    elif sched.scheduler == "cosine":
+        main = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))  # noqa: E731
+    else:
+        milestones = [m * steps_per_epoch for m in sched.milestones]
+        main = lambda step: sched.gamma ** sum(step >= m for m in milestones)  # noqa: E731
+    return lambda step: (0.1 + 0.9 * step / warm) if step < warm else main(step)
+
+
+@pytest.mark.parametrize("kind, warmup, milestones", [("cosine", 0, []), ("cosine", 2, []), ("constant", 1, []),
+                                                      ("multistep", 0, [3, 5]), ("multistep", 2, [3, 5])])
+def test_scheduler_matches_the_hand_written_schedule(kind, warmup, milestones):
+    sched = ScheduleConfig(epochs=6, lr=0.1, scheduler=kind, warmup_epochs=warmup, milestones=milestones, gamma=0.1)
+    steps = 4
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=sched.lr)
+    scheduler = make_scheduler(opt, sched, steps)
+    oracle = _old_lambda(sched, steps)
+    for step in range(sched.epochs * steps):
+        assert opt.param_groups[0]["lr"] == pytest.approx(sched.lr * oracle(step), rel=1e-6, abs=1e-12), step
+        opt.step()
+        scheduler.step()
+
+
+# -- the iterative schedule's decisions ---------------------------------------------------------------------------
+def test_threshold_is_the_stricter_bound_and_rollback_policy():
+    s = ScheduleConfig(rounds=5, min_top1=90.0, max_drop=1.5, on_rollback="shrink", shrink_factor=0.5, max_rollbacks=2)
+    plan = IterativeSchedule.from_config(s, baseline_val_top1=93.0)
+    assert plan.threshold == 91.5 and plan.accepts(91.5) and not plan.accepts(91.49)
+    first = plan.after_rollback(0, 1.0)
+    assert (first.rollbacks, first.step_scale, first.over) == (1, 0.5, False)
+    third = plan.after_rollback(2, 0.25)
+    assert third.over and third.step_scale == 0.25
+    stop = IterativeSchedule.from_config(dataclasses.replace(s, on_rollback="stop"), 93.0).after_rollback(0, 1.0)
+    assert stop.over
+    assert IterativeSchedule.from_config(ScheduleConfig(rounds=3), 93.0).accepts(0.0)
+
+
+# -- the ledger -----------------------------------------------------------------------------------------------------
+def _row(stage):
+    return {"run_id": "r", "stage": stage, "top1": 1.0, "val_top1": 1.0, "params": 1, "params_nonzero": 1, "macs": 1e6}
+
+
+def test_ledger_refuses_an_occupied_dir_and_resumes_without_duplicates(tmp_path):
+    ledger = RunLedger.open(tmp_path, resume=False, config_fingerprint="abc", run_id="r")
+    ledger.record(_row("baseline"), {"state_dict": {}}, {})
+    ledger.record(_row("compressed"), {"state_dict": {}}, {"x": 1})
+    with pytest.raises(CompressError, match="already holds a run"):
+        RunLedger.open(tmp_path, resume=False, config_fingerprint="abc", run_id="r")
+    with pytest.raises(CompressError, match="config differs"):
+        RunLedger.open(tmp_path, resume=True, config_fingerprint="other", run_id="r")
+    (tmp_path / "metrics.csv").write_text((tmp_path / "metrics.csv").read_text() + "garbage,row\n")
+    again = RunLedger.open(tmp_path, resume=True, config_fingerprint="abc", run_id="r2")
+    assert [r["stage"] for r in again.rows] == ["baseline", "compressed"] and again.run_id == "r"
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 3  # header + the two recorded rows
+    assert again.done("compressed") and not again.done("final") and again.get("method_state") == {"x": 1}
+
+
+def test_fingerprint_ignores_where_and_how_fast():
+    a = {"seed": 0, "threads": 1, "resume": False, "run_id": "x"}
+    assert fingerprint(a) == fingerprint({**a, "threads": 2, "resume": True, "run_id": "y"})
+    assert fingerprint(a) != fingerprint({**a, "seed": 1})
+
+
+# -- measurements from the libraries -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, macs", [("resnet20", 40_551_040), ("resnet56", 125_485_696)])
+def test_macs_of_the_cifar_resnets(arch, macs):
+    assert measure.count_macs(models.build(arch, 10), (3, 32, 32)) == macs
+
+
+def test_macs_see_functional_calls():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.w, padding=1).flatten(1) @ torch.ones(8 * 16 * 16, 5)
+
+    assert measure.count_macs(Functional(), (3, 16, 16)) == 8 * 16 * 16 * 27 + 8 * 16 * 16 * 5
+
+
+def test_latency_gives_median_and_spread():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    median, iqr = measure.latency_ms(model, (3, 16, 16), batch=2, repeats=5, threads=1)
+    assert median > 0 and iqr >= 0 and iqr < 100 * median
