@@ -7,9 +7,13 @@ sweep over real data); `make test` must stay within 5 minutes on a 2-core machin
 """
 from __future__ import annotations
 
+import json
 import os
+import resource
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,110 @@ def compress_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict |
     if check and proc.returncode != 0:
         raise AssertionError(f"compress {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+MEMORY_LIMIT = 6 << 30  # bytes of address space for a `compress` process under test (RLIMIT_AS)
+
+
+def limit_memory() -> None:
+    """preexec_fn: cap the child's address space, so that unbounded memory is a MemoryError, not a swap storm."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+# The real entry point, `compress.cli.main()`, called in a loop in one process with `Run.execute` stubbed
+# out: parsing, composition, the typed config's checks, building the method and Run's own checks are the
+# real code; the stages (data, model, training) are not run. One request per line on stdin (a JSON argv
+# list), one JSON answer per line on stdout: exit code, stderr, stdout, the traceback of an escaped exception.
+_IN_PROCESS_CLI = r'''
+import io, json, sys, traceback
+from pathlib import Path
+
+out = sys.stdout
+sys.stdout = io.StringIO()
+import compress.cli as cli
+import compress.pipeline as pipeline
+from hydra.core.global_hydra import GlobalHydra
+
+pipeline.Run.execute = lambda self: self.run_dir
+work = Path(sys.argv[1])
+for n, line in enumerate(sys.stdin):
+    argv = json.loads(line)
+    if argv and argv[0] == "run" and not any(a.startswith("hydra.run.dir=") for a in argv):
+        argv.append(f"hydra.run.dir={work / str(n)}")
+    GlobalHydra.instance().clear()
+    err, sys.stderr, sys.stdout = sys.stderr, io.StringIO(), io.StringIO()
+    sys.argv = ["compress", *argv]
+    code, tb = 0, ""
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        code, tb = -1, traceback.format_exc()
+    captured, printed, sys.stderr, sys.stdout = sys.stderr.getvalue(), sys.stdout.getvalue(), err, io.StringIO()
+    out.write(json.dumps({"code": code, "stderr": captured[:100000], "stdout": printed[:100000],
+                          "traceback": tb[-4000:]}) + "\n")
+    out.flush()
+'''
+
+
+class InProcessCLI:
+    """`compress <argv>` answered by one long-lived, memory-capped process (see above): ~0.2 s a call
+    instead of ~3 s of imports. A call that takes longer than `timeout` or kills the process (memory) is
+    answered with code "timeout" / "died (...)", and the next call starts a fresh process."""
+
+    def __init__(self, work: Path, timeout: float = 30.0):
+        self.work, self.timeout = work, timeout
+        self.proc: subprocess.Popen | None = None
+        self.buffer, self.fresh = b"", False
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _IN_PROCESS_CLI, str(self.work)], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     preexec_fn=limit_memory, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.buffer, self.fresh = b"", True
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def run(self, argv: list[str]) -> dict:
+        """{"code": exit status (or "timeout" / "died (...)"), "stderr", "stdout", "traceback", "seconds"}"""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        assert self.proc and self.proc.stdin and self.proc.stdout
+        started = time.monotonic()
+        budget = self.timeout + (60.0 if self.fresh else 0.0)  # a fresh process first imports torch and hydra
+        self.fresh = False
+        try:
+            self.proc.stdin.write((json.dumps(argv) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([fd], [], [], max(0.0, budget - (time.monotonic() - started)))
+            if not ready:
+                self.stop()
+                return {"code": "timeout", "stderr": "", "traceback": f"no answer within {self.timeout:.0f} s"}
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                code = self.proc.wait()
+                self.proc = None
+                return {"code": f"died ({code})", "stderr": "", "traceback": "the process died (memory limit?)"}
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return {**json.loads(line), "seconds": time.monotonic() - started}
+
+
+@pytest.fixture(scope="session")
+def cli_in_process(tmp_path_factory):
+    """An `InProcessCLI` for checks that end before the stages (config errors, Run's own checks)."""
+    runner = InProcessCLI(tmp_path_factory.mktemp("cli_in_process"))
+    yield runner
+    runner.stop()
 
 
 @pytest.fixture

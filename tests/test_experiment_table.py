@@ -117,6 +117,7 @@ def test_rows_compose_to_their_paper_settings(compose_with, name, expected):
     assert cfg.schedule.epochs == 5 and cfg.schedule.lr == 1e-3  # the public code's fine-tuning recipes
 
 
+@pytest.mark.slow  # make test composes every experiment already (tests/test_method_contract.py)
 def test_every_row_composes(compose_with):
     for name in NAMES:
         assert compose_with([f"experiment={name}"]).hydra.runtime.choices.experiment == name

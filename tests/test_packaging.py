@@ -26,11 +26,13 @@ def test_wheel_carries_configs_and_composes_from_any_directory(tmp_path):
     # Every module of the package is shipped (a subpackage missing from pyproject's list is not).
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "compress").rglob("*.py") if "__pycache__" not in p.parts}
     assert modules - names == set()
+    # From the wheel alone, in another directory: a YAML experiment and a row of the ApproxConv table (CSV).
     code = ("import compress, sys; assert compress.__file__.startswith(sys.argv[1]), compress.__file__\n"
-            "from hydra import compose, initialize_config_module\n"
-            "with initialize_config_module(config_module='compress.configs', version_base='1.3'):\n"
-            "    c = compose(config_name='config', overrides=['experiment=cfdp_resnet56'])\n"
-            "print(c.method.name, c.arch.name)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, check=True,
-                         capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
-    assert out.stdout.split() == ["cfdp", "resnet56"]
+            "from compress.config import compose\n"
+            "for name in ('cfdp_resnet56', 'approxconv_resnet32_cheb_3322'):\n"
+            "    c = compose([f'experiment={name}'])\n"
+            "    print(c.method.name, c.arch.name, c.method.compress_rate if c.method.name == 'cfdp' else c.method.harmonics)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["cfdp resnet56 [0.]+[0.18]*29", "approxconv resnet32 [3, 3, 2, 2]"]

@@ -1,25 +1,45 @@
-"""Integration on the real CIFAR-10 test set with the published checkpoints (skips without ../shared)."""
+"""Integration on the real CIFAR-10 test set with the published checkpoints (skips without ../shared).
+
+`make test` evaluates ResNet-20 (one run, ~20 s); `make test-full` adds ResNet-32/44/56 in one sweep.
+"""
 from __future__ import annotations
 
 import csv
+
+import pytest
 
 from tests.conftest import CIFAR, compress_cli, needs_shared
 
 # Top-1 of akamaster's checkpoints on the 10,000 CIFAR-10 test images (../shared/README.md).
 EXPECTED_TOP1 = {"resnet20": 91.73, "resnet32": 92.63, "resnet44": 93.10, "resnet56": 93.39}
+# The configs name the public URLs; the files are found by name in ../shared/pretrained (paths.weights).
+EVALUATE = ["method=none", f"dataset.root={CIFAR}", "schedule.epochs=0", "dataset.val_size=500", "measure.latency=false"]
+
+
+def stage_rows(path) -> list[dict]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stage"] for r in rows] == ["baseline", "compressed", "final"]
+    return rows
 
 
 @needs_shared
-def test_pretrained_cifar_resnets_reproduce_published_top1(tmp_path):
-    # The configs name the public URLs; the files are found by name in ../shared/pretrained (paths.weights).
+def test_pretrained_resnet20_reproduces_published_top1(tmp_path):
+    run_dir = tmp_path / "run"
+    compress_cli("run", "arch=resnet20", *EVALUATE, f"hydra.run.dir={run_dir}", check=True, timeout=600)
+    rows = stage_rows(run_dir / "metrics.csv")
+    assert {float(r["top1"]) for r in rows} == {EXPECTED_TOP1["resnet20"]}  # nothing compressed, nothing trained
+    assert int(rows[0]["params"]) == 269722 and int(rows[0]["macs"]) == 40551040
+
+
+@needs_shared
+@pytest.mark.slow  # three more evaluations of 10,000 images (ResNet-56: 125M MACs each), ~80 s
+def test_pretrained_deeper_cifar_resnets_reproduce_published_top1(tmp_path):
+    archs = [a for a in EXPECTED_TOP1 if a != "resnet20"]
     sweep = tmp_path / "sweep"
-    compress_cli("run", "-m", f"arch={','.join(EXPECTED_TOP1)}", "method=none", f"dataset.root={CIFAR}",
-                 "schedule.epochs=0", "dataset.val_size=500", "measure.latency=false",
-                 f"hydra.sweep.dir={sweep}", check=True, timeout=1200)
+    compress_cli("run", "-m", f"arch={','.join(archs)}", *EVALUATE, f"hydra.sweep.dir={sweep}", check=True, timeout=1200)
     found = {}
     for path in sweep.rglob("metrics.csv"):
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
-        assert [r["stage"] for r in rows] == ["baseline", "compressed", "final"]
+        rows = stage_rows(path)
         found[rows[0]["arch"]] = float(rows[0]["top1"])
-    assert found == EXPECTED_TOP1
+    assert found == {a: EXPECTED_TOP1[a] for a in archs}
