@@ -14,7 +14,13 @@ USAGE = """usage: compress run [-m] [key=value ...]     compress a model (Hydra 
        compress report DIR [DIR ...] [-o FILE]  gather metrics.csv files below DIRs into one table"""
 
 
+MAX_MESSAGE = 300  # characters: a hostile value must not turn the one line into a page
+
+
 def _fail(msg: str) -> None:
+    msg = " ".join(msg.split())  # one line, whatever the value held
+    if len(msg) > MAX_MESSAGE:
+        msg = msg[: MAX_MESSAGE - 1] + "…"
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -62,7 +68,10 @@ def _smoke_to_debug(argv: list[str]) -> list[str]:
     return out
 
 
-def _precheck(overrides: list[str]) -> None:
+GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug")
+
+
+def _precheck(overrides: list[str], multirun: bool) -> None:
     """Compose the config once before Hydra runs, so that an unknown key or option fails with one line.
     Sweep values (a,b / glob() / range()) are left to Hydra's multirun."""
     from hydra import compose, initialize_config_module
@@ -78,6 +87,11 @@ def _precheck(overrides: list[str]) -> None:
     for o in parsed:
         if o.key_or_group.startswith("hydra"):
             continue
+        if o.is_sweep_override() and not multirun:
+            _fail(f"{o.key_or_group}: a sweep value ({o.input_line.split('=', 1)[-1]}) needs `compress run -m`")
+        if o.key_or_group in GROUPS and not o.is_sweep_override() and (
+                not isinstance(o.value(), str) or "${" in o.value()):
+            _fail(f"{o.key_or_group}: must name one of its presets, got {o.input_line.split('=', 1)[-1]!r}")
         if not o.is_sweep_override():
             plain.append(o.input_line)
         elif isinstance(o.value(), ChoiceSweep):
@@ -148,7 +162,7 @@ def run(argv: list[str]) -> None:
     argv = _smoke_to_debug(argv)
 
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
-        _precheck([a for a in argv if not a.startswith("-")])
+        _precheck([a for a in argv if not a.startswith("-")], multirun=any(a in ("-m", "--multirun") for a in argv))
     # SIGTERM (kill) ends the run like Ctrl-C: the current stage stops, written files stay complete.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     main_fn = hydra.main(config_path="pkg://compress.configs", config_name="config", version_base="1.3")(_task)
