@@ -11,7 +11,10 @@ from compress import CompressError
 
 log = logging.getLogger("compress")
 USAGE = """usage: compress run [-m] [key=value ...]     compress a model (Hydra overrides; -m sweeps)
-       compress report DIR [DIR ...] [-o FILE]  gather metrics.csv files below DIRs into one table"""
+       compress report DIR [DIR ...] [-o FILE]  gather metrics.csv files below DIRs into one table
+       compress report DIR [DIR ...] --summary [-o FILE.csv|.md]  one line per run
+       compress compare DIR [DIR ...] [-o FILE.csv|.md] [--published FILE]  our runs beside the papers' rows
+       compress plot DIR [DIR ...] [-o FILE.png] [--published FILE]  top-1 vs params and MACs, Pareto front"""
 
 
 MAX_MESSAGE = 300  # characters: a hostile value must not turn the one line into a page
@@ -71,15 +74,40 @@ def _smoke_to_debug(argv: list[str]) -> list[str]:
 GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug")
 
 
+def _check_optional_groups(overrides: list[str]) -> None:
+    """`experiment` and `debug` are optional groups: Hydra would silently run the default job for a
+    misspelt option. Inside an initialised Hydra context."""
+    import difflib
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    for line in overrides:
+        key, _, value = line.partition("=")
+        key = key.lstrip("+~")
+        if key in ("experiment", "debug") and value and value != "null":
+            options = loader.get_group_options(key)
+            if value not in options:
+                close = difflib.get_close_matches(value, options, n=3, cutoff=0.6)
+                _fail(f"{key}: no option '{value}'" + (f" (did you mean: {', '.join(close)}?)" if close else
+                                                      f" ({len(options)} options: compress run --help lists them)"))
+
+
 def _precheck(overrides: list[str], multirun: bool) -> None:
     """Compose the config once before Hydra runs, so that an unknown key or option fails with one line.
     Sweep values (a,b / glob() / range()) are left to Hydra's multirun."""
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parser.parse_overrides(overrides)
     except Exception as e:
+        for line in overrides:  # name the override that does not parse
+            try:
+                parser.parse_overrides([line])
+            except Exception as one:
+                _fail(f"{line.split('=', 1)[0].lstrip('+~')}: cannot parse {line!r}: {_hydra_message(one)}")
         _fail(f"could not parse overrides: {_hydra_message(e)}")
     from hydra.core.override_parser.types import ChoiceSweep
 
@@ -103,6 +131,7 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
 
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
+            _check_optional_groups(plain)
             cfg = compose(config_name="config", overrides=plain)
     except Exception as e:
         _fail(_hydra_message(e))
@@ -191,6 +220,99 @@ def report(argv: list[str]) -> None:
     print(f"\n{len(table)} rows from {table['run_dir'].nunique()} runs -> {args.output}")
 
 
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser whose usage errors are one line and exit 2, like every other error."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.error = lambda message: _fail(f"{prog}: {message}")  # type: ignore[method-assign]
+    return p
+
+
+def _runs_below(dirs: list[Path]):
+    """Every metrics.csv below `dirs` (compress.results.gather); a missing DIR or none found is one line."""
+    from compress.results import gather
+
+    for d in dirs:
+        if not d.exists():
+            _fail(f"{d}: no such directory")
+    try:
+        table = gather(dirs)
+    except CompressError as e:
+        _fail(str(e))
+    if table is None:
+        _fail(f"no metrics.csv below {', '.join(map(str, dirs))}")
+    return table
+
+
+def report_summary(argv: list[str]) -> None:
+    """`compress report DIR... --summary`: one line per run instead of one per stage."""
+    from compress import compare
+
+    p = _parser("compress report --summary", "One line per run: baseline -> final top-1, reductions, wall time.")
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("--summary", action="store_true", help="one line per run (this table)")
+    p.add_argument("-o", "--output", type=Path, help="also write the table: FILE.csv or FILE.md")
+    args = p.parse_args(argv)
+    if args.output is not None and args.output.suffix.lower() not in (".csv", ".md"):
+        _fail(f"{args.output}: -o must end with .csv or .md")
+    try:
+        table = compare.summary(_runs_below(args.dirs))
+        text = compare.summary_markdown(table)
+        if args.output is not None:
+            compare.write_table(table, args.output, compare.SUMMARY_COLUMNS, text)
+    except CompressError as e:
+        _fail(str(e))
+    print(text)
+    print(f"\n{len(table)} runs" + (f" -> {args.output}" if args.output is not None else ""))
+
+
+def compare_runs(argv: list[str]) -> None:
+    """`compress compare DIR...`: one line per run beside its linked published row."""
+    from compress import compare
+
+    p = _parser("compress compare", "Our runs beside the published rows they reproduce (one line per run).")
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="also write the table: FILE.csv (every column) or FILE.md")
+    p.add_argument("--published", type=Path, help="CSV of published rows (default: the package's table)")
+    args = p.parse_args(argv)
+    if args.output is not None and args.output.suffix.lower() not in (".csv", ".md"):
+        _fail(f"{args.output}: -o must end with .csv or .md")
+    try:
+        runs = _runs_below(args.dirs)
+        table = compare.compare(runs, compare.load_published(args.published))
+        text = compare.markdown(table, compare.COMPARE_MARKDOWN_COLUMNS)
+        if args.output is not None:
+            compare.write_table(table, args.output, compare.COMPARE_CSV_COLUMNS, text)
+    except CompressError as e:
+        _fail(str(e))
+    print(text)
+    linked = int((table["paper_top1"].notna()).sum())
+    print(f"\n{len(table)} runs, {linked} beside a published row" + (f" -> {args.output}" if args.output else ""))
+
+
+def plot_runs(argv: list[str]) -> None:
+    """`compress plot DIR... -o FILE.png`: top-1 vs parameters and vs MACs, one row of panels per arch."""
+    from compress import compare
+    from compress import plot
+
+    p = _parser("compress plot", "Top-1 against parameters and MACs: our runs, the papers' rows, the Pareto front.")
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=Path("plot.png"), help="FILE.png|.pdf|.svg (default plot.png)")
+    p.add_argument("--published", type=Path, help="CSV of published rows (default: the package's table)")
+    args = p.parse_args(argv)
+    try:
+        plot.check_output(args.output)
+        runs = _runs_below(args.dirs)
+        published = compare.load_published(args.published)
+        table = compare.compare(runs, published)
+        if table.empty:
+            _fail(f"nothing to plot: the metrics.csv below {', '.join(map(str, args.dirs))} hold no rows")
+        rows = plot.plot(table, published, args.output)
+    except CompressError as e:
+        _fail(str(e))
+    finished = int((table["stage"] == "final").sum())
+    print(f"{finished} finished runs of {len(table)}, {rows} architecture(s) -> {args.output}")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
@@ -199,9 +321,15 @@ def main() -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         run(rest)
-    elif cmd == "report":
+    elif cmd in ("report", "compare", "plot"):
+        if cmd == "report":
+            command = report_summary if "--summary" in rest else report
+        else:
+            command = compare_runs if cmd == "compare" else plot_runs
         try:
-            report(rest)
+            command(rest)
+        except CompressError as e:  # e.g. an unreadable metrics.csv below DIR
+            _fail(str(e))
         except BrokenPipeError:  # `compress report ... | head`
             sys.stderr.close()
     else:

@@ -14,7 +14,6 @@ ApproxConv table in `configs/tables/`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -87,7 +86,7 @@ class ArchConfig:
             _fail("arch.name", f"unknown architecture '{self.name}' (known: {', '.join(models.names())})")
         for key in ("mean", "std"):
             values = getattr(self, key)
-            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            if len(values) != 3 or not all(is_number(v) for v in values):
                 _fail(f"arch.{key}", f"must be three finite numbers (R, G, B), got {values!r}")
         if not all(s > 0 for s in self.std):
             _fail("arch.std", f"must be positive, got {self.std!r}")
@@ -155,11 +154,40 @@ class ScheduleConfig:
 class MeasureConfig:
     latency: bool = True           # CPU latency at batch 1 and 64 (torch.utils.benchmark)
     latency_repeats: int = 7       # median of this many timed repeats (after warm-up)
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500     # also the attacks' batch size (they back-propagate: more memory per image)
+    # Adversarial robustness of the final model (compress/attacks.py): one final-row column per (attack,
+    # epsilon), robust_top1_<attack>_eps<eps>. Epsilons are L-inf radii on the [0, 1] pixel scale, before
+    # normalisation; the default list is CFDP's Table 8 (which prints no PGD steps or step size).
+    attacks: List[str] = field(default_factory=list)   # fgsm | pgd; empty: no attack
+    epsilons: List[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
+    pgd_steps: int = 10
+    pgd_step_size: Optional[float] = None   # null: 2.5 * eps / pgd_steps
+    pgd_random_start: bool = True  # start from a uniform point of the eps-ball (seeded by `seed`)
+    attack_images: Optional[int] = None     # attack the first N test images; null: all (costly on a CPU)
 
     def __post_init__(self) -> None:
+        from compress.attacks import ATTACKS, column
+
         _int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
         _int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
+        for attack in self.attacks:
+            require_choice(attack, "measure.attacks", ATTACKS)
+        twice = [a for i, a in enumerate(self.attacks) if a in self.attacks[:i]]
+        if twice:
+            _fail("measure.attacks", f"lists {twice[0]} twice")
+        require(len(self.epsilons) <= 100, "measure.epsilons", "a list of at most 100 numbers",
+                f"{len(self.epsilons)} of them")
+        for eps in self.epsilons:
+            _number_in("measure.epsilons", eps, 0, 1)
+        names = [column("fgsm", eps) for eps in self.epsilons]
+        twice = [eps for i, eps in enumerate(self.epsilons) if names[i] in names[:i]]
+        if twice:
+            _fail("measure.epsilons", f"lists {twice[0]!r} twice")
+        if self.attacks and not self.epsilons:
+            _fail("measure.epsilons", "is empty; list at least one epsilon for measure.attacks")
+        _int_in("measure.pgd_steps", self.pgd_steps, 1, 1000)
+        _number_in("measure.pgd_step_size", self.pgd_step_size, 0, 1, low_open=True, allow_none=True)
+        _int_in("measure.attack_images", self.attack_images, 1, allow_none=True)
 
 
 @dataclass
@@ -216,11 +244,18 @@ class Config:
     smoke: bool = False            # set by debug=smoke (what smoke=true selects): synthetic data, random weights, caps
     threads: Optional[int] = None  # torch intra-op threads (null: torch's default)
     run_id: str = "${now:%Y%m%d-%H%M%S}"
+    # The published row this run reproduces: an id of configs/tables/published.csv (compress.papers); experiment
+    # configs set it, metrics.csv carries it (column paper_row), `compress compare` puts the paper's numbers beside.
+    paper_row: Optional[str] = None
 
     def __post_init__(self) -> None:
         _int_in("seed", self.seed, 0, MAX_SEED)
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))
         _int_in("threads", self.threads, 1, MAX_THREADS, allow_none=True)
+        if self.paper_row is not None:
+            from compress import papers
+
+            papers.check(self.paper_row, "paper_row")
         if not self.paths.cache.strip():
             _fail("paths.cache", "is empty")
         if dataclasses.is_dataclass(self.schedule):

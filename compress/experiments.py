@@ -12,6 +12,7 @@ Each row becomes the experiment `experiment=<name>` in Hydra's ConfigStore (grou
       series: <series>                     # when the row names one (Conv2D rows keep the default)
       harmonics: <harmonics>               # [3, 3, 2, 2] | "7x3,7x3,5x9,4x3" | null
       quant_bits: <bits>                   # when the row quantises
+    paper_row: <paper_row>                 # the published row it reproduces (configs/tables/published.csv)
 
 so `compress run experiment=approxconv_resnet20_cos_3322` and sweeps such as
 `compress run -m "experiment=glob(approxconv_resnet20_*)"` work as with files.
@@ -19,7 +20,8 @@ so `compress run experiment=approxconv_resnet20_cos_3322` and sweeps such as
 The table's columns: `name`; `table` (the paper's table); `arch`; `dataset` (cifar10 | imagenet); `series`
 (cos: CosConv | cheb: ChebConv | empty: a Conv2D row, no series); `harmonics` as the paper writes them
 ("3,3,2,2": one order per group, see docs/approxconv.md; "7x3,7x3,5x9,4x3": ConvNeXt's order x blocks;
-empty: nothing approximated); `quant_bits` (empty: no quantisation); the paper's printed numbers
+empty: nothing approximated); `quant_bits` (empty: no quantisation); `paper_row` (the id of the row in
+`configs/tables/published.csv`, `compress.papers`, that the experiment reproduces); the paper's printed numbers
 `paper_pre_top1` (before fine-tuning), `paper_post_top1`, `paper_quant_top1` (Table 4: top-1 after
 quantisation-aware fine-tuning), `paper_params_m` (millions), `paper_size_mb`; and a `note` on them.
 
@@ -48,6 +50,8 @@ APPROXCONV_TABLE = "tables/approxconv.csv"  # inside the package `compress.confi
 DEFAULT_DATASET = "cifar10"  # the primary config's; rows on it override no data set, as the files did
 SCHEDULES = {"cifar10": "approxconv_cifar", "imagenet": "approxconv_imagenet"}
 CONFIG_COLUMNS = ("name", "table", "arch", "dataset", "series", "harmonics", "quant_bits")
+# Also required, and kept verbatim in `paper` too (the link to the published numbers): the row's paper_row.
+REQUIRED_COLUMNS = CONFIG_COLUMNS + ("paper_row",)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class ApproxConvRow:
     series: str | None
     harmonics: list[int] | str | None
     quant_bits: int | None
-    paper: dict[str, str] = field(default_factory=dict)  # paper_* columns and the note, verbatim
+    paper_row: str = ""  # the published row's id (configs/tables/published.csv)
+    paper: dict[str, str] = field(default_factory=dict)  # paper_row, the paper_* columns and the note, verbatim
 
 
 def parse_harmonics(text: str) -> list[int] | str | None:
@@ -77,9 +82,11 @@ def parse_harmonics(text: str) -> list[int] | str | None:
 
 def parse_row(record: dict[str, str]) -> ApproxConvRow:
     """A CSV record -> a row; a malformed table is a packaging bug, so it fails loudly (ValueError)."""
-    missing = [column for column in CONFIG_COLUMNS if column not in record]
+    missing = [column for column in REQUIRED_COLUMNS if column not in record]
     if missing:
         raise ValueError(f"{APPROXCONV_TABLE}: missing columns {', '.join(missing)}")
+    if not (record["paper_row"] or "").strip():
+        raise ValueError(f"{APPROXCONV_TABLE}: row {record['name']}: paper_row is empty")
     if record["dataset"] not in SCHEDULES:
         raise ValueError(f"{APPROXCONV_TABLE}: row {record['name']}: dataset must be one of {', '.join(SCHEDULES)}")
     return ApproxConvRow(
@@ -90,6 +97,7 @@ def parse_row(record: dict[str, str]) -> ApproxConvRow:
         series=record["series"] or None,
         harmonics=parse_harmonics(record["harmonics"]),
         quant_bits=int(record["quant_bits"]) if record["quant_bits"] else None,
+        paper_row=record["paper_row"].strip(),
         paper={key: value for key, value in record.items() if key not in CONFIG_COLUMNS},
     )
 
@@ -122,7 +130,7 @@ def experiment_node(row: ApproxConvRow) -> dict[str, Any]:
     method["harmonics"] = row.harmonics
     if row.quant_bits is not None:
         method["quant_bits"] = row.quant_bits
-    return {"defaults": defaults, "method": method}
+    return {"defaults": defaults, "method": method, "paper_row": row.paper_row}
 
 
 def register_experiments(cs: ConfigStore) -> None:

@@ -22,8 +22,8 @@ log = logging.getLogger("compress")
 
 
 def fingerprint(config: dict) -> str:
-    """What must be equal for `resume=true` to continue a run (where it runs and how fast do not count)."""
-    keep = {k: v for k, v in config.items() if k not in ("resume", "run_id", "threads", "overrides")}
+    """What must be equal for `resume=true` to continue a run (where it runs, how fast, and labels do not count)."""
+    keep = {k: v for k, v in config.items() if k not in ("resume", "run_id", "threads", "overrides", "paper_row")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import CompressError, checkpoints, data as datasets, layers, measure, methods, results, sources, train
+from compress import CompressError, attacks, checkpoints, data as datasets, layers, measure, methods, results, sources, train
 from compress.config import Config, ScheduleConfig
 from compress.ledger import RunLedger, fingerprint
 from compress.methods.base import Context, Method
@@ -47,7 +47,7 @@ class Run:
     def __init__(self, config: Config, run_dir: Path, experiment: str = "", overrides: str = ""):
         self.config = config
         self.run_dir = run_dir
-        self.labels = {"experiment": experiment or "", "overrides": overrides or ""}
+        self.labels = {"experiment": experiment or "", "overrides": overrides or "", "paper_row": config.paper_row or ""}
         self.device = resolve_device(config.device)
         self.method = build_method(config.method)
         self.arch = config.arch.name
@@ -104,6 +104,10 @@ class Run:
         started = time.perf_counter()
         produced = produce()
         row = self._row(stage, produced, started, status) if measure_it else self._same_as_last(stage, started)
+        if stage == "final" and self.config.measure.attacks:  # robust top-1 columns (compress/attacks.py)
+            c = self.config
+            row.update(attacks.robust_columns(produced, self.data.test, c.measure, mean=c.arch.mean, std=c.arch.std,
+                                              seed=c.seed, amp=c.schedule.amp, device=self.device))
         self._record(row, produced, **({"baseline_val_top1": row["val_top1"]} if stage == "baseline" else {}))
         return produced
 

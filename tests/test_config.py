@@ -153,3 +153,12 @@ def test_latency_gives_median_and_spread():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     median, iqr = measure.latency_ms(model, (3, 16, 16), batch=2, repeats=5, threads=1)
     assert median > 0 and iqr >= 0 and iqr < 100 * median
+
+
+def test_a_misspelt_experiment_is_refused_not_replaced_by_the_default_job(tmp_path):
+    from tests.conftest import compress_cli
+
+    proc = compress_cli("run", "experiment=approxconv_resnet20_cos_33", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("error: experiment: no option 'approxconv_resnet20_cos_33'") and "cos_3332" in line

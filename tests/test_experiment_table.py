@@ -6,6 +6,7 @@ hand-written YAML file composed to.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from importlib import resources
@@ -56,9 +57,31 @@ def test_the_table_holds_every_paper_row_once():
                "3": ("paper_pre_top1", "paper_post_top1", "paper_params_m"),
                "4": ("paper_quant_top1", "paper_size_mb")}
     for row in ROWS:  # the paper's numbers are kept as printed, each table's columns filled
-        filled = tuple(key for key, value in row.paper.items() if key.startswith("paper_") and value)
+        filled = tuple(key for key, value in row.paper.items()
+                       if key.startswith("paper_") and key != "paper_row" and value)
         assert filled == printed[row.table], row.name
         assert all(float(row.paper[key]) > 0 for key in filled)
+
+
+def test_every_row_links_its_published_row_with_the_same_numbers():
+    """`paper_row` names the row of configs/tables/published.csv that the experiment reproduces, and the two
+    copies of the paper's numbers agree (Table 1's params column is ResNet-32's: published keeps it on the
+    ResNet-32 entry only)."""
+    from compress import papers
+
+    assert len({row.paper_row for row in ROWS}) == len(ROWS)
+    for row in ROWS:
+        assert row.paper_row and row.paper["paper_row"] == row.paper_row, row.name
+        published = papers.row(row.paper_row)
+        paper = {key: float(value) if value else math.nan for key, value in row.paper.items()
+                 if key.startswith("paper_") and key != "paper_row"}
+        if row.table == "4":
+            assert published["top1"] == paper["paper_quant_top1"], row.name
+            assert f"model size {row.paper['paper_size_mb']} MB" in published["note"], row.name
+            continue
+        assert (published["pre_top1"], published["top1"]) == (paper["paper_pre_top1"], paper["paper_post_top1"]), row.name
+        params = papers.row(row.paper_row.replace("-resnet20-", "-resnet32-")) if row.arch == "resnet20" else published
+        assert params["params"] == round(paper["paper_params_m"] * 1e6), row.name
 
 
 def test_harmonics_cells_become_the_method_option():
@@ -68,13 +91,17 @@ def test_harmonics_cells_become_the_method_option():
 
 
 def test_a_malformed_table_fails_loudly():
-    header = "name,table,arch,dataset,series,harmonics,quant_bits\n"
+    header = "name,table,arch,dataset,series,harmonics,quant_bits,paper_row\n"
     with pytest.raises(ValueError, match="duplicate names a"):
-        read_rows(header + "a,1,resnet20,cifar10,cos,\"2,2,2,2\",\n" * 2)
+        read_rows(header + "a,1,resnet20,cifar10,cos,\"2,2,2,2\",,p\n" * 2)
     with pytest.raises(ValueError, match="dataset must be one of"):
-        read_rows(header + "a,1,resnet20,mnist,cos,\"2,2,2,2\",\n")
+        read_rows(header + "a,1,resnet20,mnist,cos,\"2,2,2,2\",,p\n")
     with pytest.raises(ValueError, match="missing columns quant_bits"):
-        read_rows("name,table,arch,dataset,series,harmonics\na,1,resnet20,cifar10,cos,2\n")
+        read_rows("name,table,arch,dataset,series,harmonics,paper_row\na,1,resnet20,cifar10,cos,2,p\n")
+    with pytest.raises(ValueError, match="missing columns paper_row"):
+        read_rows("name,table,arch,dataset,series,harmonics,quant_bits\na,1,resnet20,cifar10,cos,2,\n")
+    with pytest.raises(ValueError, match="row a: paper_row is empty"):
+        read_rows(header + "a,1,resnet20,cifar10,cos,\"2,2,2,2\",, \n")
 
 
 def test_nodes_override_only_what_a_row_sets():
@@ -83,11 +110,13 @@ def test_nodes_override_only_what_a_row_sets():
         "defaults": [{"override /arch": "resnet20"}, {"override /method": "approxconv"},
                      {"override /schedule": "approxconv_cifar"}],
         "method": {"series": "cos", "harmonics": [3, 3, 2, 2]},
+        "paper_row": "approxconv-t1-resnet20-cos-3322",
     }
     assert experiment_node(by_name["approxconv_resnet18_imagenet_conv2d_q8"]) == {
         "defaults": [{"override /dataset": "imagenet"}, {"override /arch": "resnet18_imagenet"},
                      {"override /method": "approxconv"}, {"override /schedule": "approxconv_imagenet"}],
         "method": {"harmonics": None, "quant_bits": 8},
+        "paper_row": "approxconv-t4-resnet18_imagenet-conv2d-q8",
     }
 
 
@@ -115,6 +144,7 @@ def test_rows_compose_to_their_paper_settings(compose_with, name, expected):
     assert (OmegaConf.to_container(harmonics) if OmegaConf.is_list(harmonics) else harmonics) == expected["harmonics"]
     assert (cfg.method.series, cfg.method.quant_bits) == (expected["series"], expected["quant_bits"])
     assert cfg.schedule.epochs == 5 and cfg.schedule.lr == 1e-3  # the public code's fine-tuning recipes
+    assert cfg.paper_row == next(row.paper_row for row in ROWS if row.name == name)
 
 
 @pytest.mark.slow  # make test composes every experiment already (tests/test_method_contract.py)
@@ -135,7 +165,8 @@ def legacy_file(name: str) -> str | None:
 @pytest.mark.slow  # ~20 s: 130 compositions; it proved the table equal to the files it replaced
 def test_every_row_composes_exactly_as_its_old_yaml_file(tmp_path):
     """The old files, put back as a group of their own beside today's configs, compose to the same config
-    as the table's rows (the whole config as YAML text, key order included)."""
+    as the table's rows (the whole config as YAML text, key order included), but for `paper_row`, which
+    the old files did not set."""
     legacy = {name: legacy_file(name) for name in NAMES}
     if any(text is None for text in legacy.values()):
         pytest.skip(f"needs the git history of commit {LEGACY_COMMIT} (the old experiment files)")
@@ -152,6 +183,8 @@ def test_every_row_composes_exactly_as_its_old_yaml_file(tmp_path):
         for name in NAMES:
             new = compose_in([f"experiment={name}"])
             old = compose_in([f"+legacy_experiment={name}"])
+            assert new.paper_row == next(row.paper_row for row in ROWS if row.name == name) and old.paper_row is None
+            new.paper_row = None
             for cfg in (new, old):
                 with open_dict(cfg):
                     del cfg["hydra"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -133,9 +134,11 @@ def worker(cli_in_process):
     return cli_in_process
 
 
-def problem(key: str, result: dict, timed_out_after: float | None = None) -> str | None:
+def problem(key: str, result: dict, strict_key: bool = True) -> str | None:
     """Why an outcome breaks the rule (None: it keeps it). Exit 0, or exit 2 with one short line on
-    stderr that starts with `error:` and names the key."""
+    stderr that starts with `error:` and names the key (`strict_key`; at run time, when the stages ran, a
+    resource error may rightly name another key, e.g. `schedule.batch_size: out of memory`, so there the
+    line need only start with `error: <some key or file>: `)."""
     code, stderr = result["code"], result["stderr"]
     if code == 0:
         return None
@@ -149,8 +152,10 @@ def problem(key: str, result: dict, timed_out_after: float | None = None) -> str
     if not line.startswith("error: ") or len(line) > MAX_LINE:
         return f"exit 2 but the line is not a short `error:` line ({len(line)} chars): {line[:200]!r}"
     leaf = key.split("@")[0].split(".")[-1]
-    if leaf not in line:
+    if strict_key and leaf not in line:
         return f"exit 2 but the line does not name {key}: {line[:200]!r}"
+    if not strict_key and not re.match(r"error: [^\s:]+: ", line):
+        return f"exit 2 but the line does not start with the key or file at fault: {line[:200]!r}"
     return None
 
 
@@ -212,7 +217,8 @@ def test_hypothesis_search_in_process_long(worker, case):
 def cli(tmp_path: Path, *overrides: str) -> dict:
     """`compress run` in smoke mode with `overrides` last, in a memory-capped process; exit code and stderr."""
     run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
-    args = [sys.executable, "-m", "compress.cli", "run", "smoke=true", "arch=resnet20", "method=none", "threads=1",
+    # ResNet-56: the architecture of the default job, for which every method's defaults hold (the paper rate).
+    args = [sys.executable, "-m", "compress.cli", "run", "smoke=true", "arch=resnet56", "method=none", "threads=1",
             f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
     started = time.monotonic()
     try:
@@ -235,13 +241,16 @@ CLI_CASES = [
     ("schedule.lr", (), "abc"),                                         # a non-numeric string
     ("seed", (), "true"),                                               # a boolean for a number
     ("dataset.train_size", (), "10000000"),                             # in range, but 30 GB of synthetic images
+    ("method.adam_steps", ("method=approxconv", "method.fit=adam"), "1000000000000"),  # a smoke run stays short
 ]
 
 
 @pytest.mark.parametrize("key, selectors, value", CLI_CASES, ids=[f"{k}={v[:20]}" for k, _, v in CLI_CASES])
 def test_cli_stops_with_one_line_or_runs(tmp_path, key, selectors, value):
-    why = problem(key, cli(tmp_path, *rendered_case(key, selectors, value)))
+    result = cli(tmp_path, *rendered_case(key, selectors, value))
+    why = problem(key, result)
     assert why is None, why
+    assert not result.get("started"), f"a smoke run with {key}={value} still running after {CLI_TIMEOUT:.0f} s"
 
 
 @pytest.mark.slow
@@ -249,5 +258,5 @@ def test_cli_stops_with_one_line_or_runs(tmp_path, key, selectors, value):
 @given(case=_CASES)
 def test_hypothesis_search_through_the_cli(tmp_path_factory, case):
     (key, sel), value = case
-    why = problem(key, cli(tmp_path_factory.mktemp("cli"), *rendered_case(key, sel, value)))
+    why = problem(key, cli(tmp_path_factory.mktemp("cli"), *rendered_case(key, sel, value)), strict_key=False)
     assert why is None, f"{' '.join(rendered_case(key, sel, value))[:160]!r}: {why}"

@@ -25,6 +25,7 @@ METRICS_COLUMNS = [
     "run_id", "method", "arch", "dataset", "seed", "stage", "status", "top1", "top5", "loss", "val_top1", "params",
     "params_nonzero", "macs", "params_reduction_pct", "macs_reduction_pct", "top1_delta", "latency_ms_b1",
     "latency_ms_b64", "size_bytes", "wall_s", "experiment", "overrides", "latency_iqr_ms_b1", "latency_iqr_ms_b64",
+    "paper_row",
 ]
 
 
@@ -214,7 +215,7 @@ def test_report_gathers_runs(cli_in_process, tmp_path):
     with out.open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 6 and {r["seed"] for r in table} == {"0", "1"}
-    assert {r["run_dir"] for r in table} == {str(tmp_path / "sweep" / s) for s in ("0", "1")}
+    assert {r["run_dir"] for r in table} == {"0", "1"}  # relative to the DIR given
     # stdout: a Markdown table of the default columns, one line per row, then a one-line summary.
     lines = proc["stdout"].strip().splitlines()
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]

@@ -255,7 +255,8 @@ class ApproxConv(Method):
             kernel = approximate_conv(conv, o.series, order, o.quant_bits)
             if o.fit == "adam":
                 start = initial_coefficients(o.series, weight, order, generator)
-                coefficients = fit_adam(weight, kernel.basis, start, o.adam_steps, float(o.adam_lr))
+                steps = min(o.adam_steps, 3) if ctx.quick else o.adam_steps  # smoke runs: a token fit
+                coefficients = fit_adam(weight, kernel.basis, start, steps, float(o.adam_lr))
                 with torch.no_grad():
                     conv.parametrizations.weight.original.copy_(coefficients)
             with torch.no_grad():

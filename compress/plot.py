@@ -1,0 +1,166 @@
+"""`compress plot`: top-1 against parameters and against MACs, our runs beside the papers' rows.
+
+One figure, one row of two panels (parameters, MACs) per architecture, so `-o FILE.png` is always the
+one file written. In each panel:
+- a colour per method (a paper's label that our runs link to takes our method's colour: ApproxConv's
+  "CosConv" / "ChebConv" rows are `approxconv`);
+- our finished runs (their final rows) filled, at non-zero parameters / MACs;
+- the published rows hollow: the rows our runs link to and every other row of the same paper tables for
+  the same architecture; a dotted line from a run to its linked row; where that row prints no parameters
+  or MACs, its top-1 as a dash at our run's cost;
+- the Pareto front of our runs as a step line (the best top-1 for at most that cost); our baseline
+  top-1 as a dashed horizontal line.
+Rendered on matplotlib's Agg canvas (headless: no display, no pyplot state).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from compress import CompressError
+
+FORMATS = (".png", ".pdf", ".svg")
+PANELS = (("params", "parameters (non-zero)"), ("macs", "MACs per image"))
+
+
+def check_output(path: Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise CompressError(f"{path}: -o must end with {', '.join(FORMATS)}")
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost (lower) and top-1 (higher), by cost: each is the best
+    top-1 for at most its cost."""
+    front: list[tuple[float, float]] = []
+    for cost, top1 in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or top1 > front[-1][1]:
+            front.append((cost, top1))
+    return front
+
+
+def _finite(*values) -> bool:
+    try:
+        return all(not math.isnan(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
+
+
+def _paper_rows(compared, published, arch: str):
+    """Published rows for `arch`: those linked by our runs, and the rest of their papers' tables."""
+    if published is None or published.empty:
+        return published.iloc[0:0] if published is not None else None
+    linked_ids = {i for i in compared.loc[compared["arch"] == arch, "paper_row"] if i}
+    linked = published[published["id"].isin(linked_ids)]
+    tables = set(zip(linked["paper"], linked["table"]))
+    same_table = published.apply(lambda r: (r["paper"], r["table"]) in tables, axis=1) if tables else False
+    same_arch = published["arch"].str.lower() == arch.lower()
+    return published[published["id"].isin(linked_ids) | (same_table & same_arch)]
+
+
+def method_names(compared, published) -> dict[str, str]:
+    """The name each published method is drawn under: a paper's label that our runs link to takes our
+    method's name (ApproxConv's "CosConv" rows -> `approxconv`); any other is its label, lower-case."""
+    alias: dict[str, str] = {}
+    if published is None or published.empty:
+        return alias
+    label = dict(zip(published["id"], published["method"]))
+    for link, method in zip(compared["paper_row"], compared["method"]):
+        if link in label and method:
+            alias.setdefault(str(label[link]).lower(), str(method).lower())
+    return alias
+
+
+def plot(compared, published, path: Path) -> int:
+    """Draw `compress.compare.compare(...)`'s table (and the published rows) into `path`; returns the
+    number of architecture rows drawn."""
+    import matplotlib
+
+    matplotlib.rcParams["svg.hashsalt"] = "compress"  # reproducible SVG ids
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter
+
+    path = check_output(path)
+    archs = [a for a in dict.fromkeys(compared["arch"]) if isinstance(a, str)] or [""]
+    per_arch = {arch: _paper_rows(compared, published, arch) for arch in archs}
+    alias = method_names(compared, published)
+    name = lambda method: alias.get(str(method).lower(), str(method).lower())  # noqa: E731
+    methods = sorted({name(m) for m in compared["method"] if m}
+                     | {name(m) for rows in per_arch.values() if rows is not None for m in rows["method"] if m})
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    colour = {m: palette(i % palette.N) for i, m in enumerate(methods)}
+
+    fig = Figure(figsize=(12.5, 4.4 * len(archs)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(archs), 2, squeeze=False)
+    for ax_row, arch in zip(axes, archs):
+        ours = compared[(compared["arch"] == arch) & (compared["stage"] == "final")]
+        paper = per_arch[arch]
+        paper_by_id = {} if paper is None else {r["id"]: r for r in paper.to_dict("records")}
+        costless, drawn = False, set()
+        for ax, (key, label) in zip(ax_row, PANELS):
+            xs_all = []
+            mine = [(r["params_nonzero"] if key == "params" and _finite(r["params_nonzero"]) else r[key], r["top1"],
+                     name(r["method"]), r["paper_row"]) for r in ours.to_dict("records")]
+            mine = [m for m in mine if _finite(m[0], m[1])]
+            for x, y, method, link in mine:
+                ax.scatter([x], [y], s=46, color=colour.get(method, "black"), edgecolors="black", linewidths=0.6,
+                           zorder=3)
+                drawn.add(method)
+                row = paper_by_id.get(link)
+                if row is not None and _finite(row[key], row["top1"]):
+                    ax.plot([x, row[key]], [y, row["top1"]], ls=":", lw=0.9, color="grey", zorder=1)
+                elif row is not None and _finite(row["top1"]):  # the paper prints no cost: its top-1 at ours
+                    ax.scatter([x], [row["top1"]], s=160, marker="_", color=colour.get(method, "black"),
+                               linewidths=1.6, zorder=2)
+                    ax.plot([x, x], [y, row["top1"]], ls=":", lw=0.9, color="grey", zorder=1)
+                    costless = True
+                xs_all.append(x)
+            for row in paper_by_id.values():
+                if _finite(row[key], row["top1"]):
+                    ax.scatter([row[key]], [row["top1"]], s=46, facecolors="none",
+                               edgecolors=[colour.get(name(row["method"]), "black")], linewidths=1.4, zorder=2)
+                    drawn.add(name(row["method"]))
+                    xs_all.append(row[key])
+            front = pareto_front([(x, y) for x, y, _, _ in mine])
+            if front:
+                fx, fy = zip(*front)
+                right = max(x for x, *_ in mine)
+                ax.step([*fx, right], [*fy, fy[-1]], where="post", color="black", lw=1.1, alpha=0.7, zorder=2)
+            baselines = [b for b in ours["baseline_top1"] if _finite(b)]
+            if baselines:
+                ax.axhline(sorted(baselines)[len(baselines) // 2], ls="--", lw=0.8, color="grey", zorder=0)
+            if not xs_all:
+                ax.text(0.5, 0.5, "no finished run, no published row", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")
+            elif min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
+                ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.set_xlabel(label)
+            ax.set_ylabel("top-1 (%)")
+            ax.set_title(f"{arch or '?'}: top-1 vs {label.split(' ')[0]}")
+            ax.grid(True, alpha=0.3)
+        handles = [Line2D([], [], ls="", marker="o", color=colour[m], label=m) for m in methods if m in drawn]
+        handles += [
+            Line2D([], [], ls="", marker="o", color="grey", markeredgecolor="black", label="ours (final)"),
+            Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="grey", label="paper"),
+        ]
+        if costless:
+            handles.append(Line2D([], [], ls="", marker="_", markersize=12, color="grey",
+                                  label="paper top-1, no cost printed\n(drawn at our run's)"))
+        handles += [
+            Line2D([], [], color="black", alpha=0.7, label="Pareto front (ours)"),
+            Line2D([], [], ls="--", color="grey", lw=0.8, label="baseline (ours)"),
+            Line2D([], [], ls=":", color="grey", label="run -> its paper row"),
+        ]
+        ax_row[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise CompressError(f"{path}: cannot write ({e.strerror or e})") from None
+    return len(archs)
