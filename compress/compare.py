@@ -119,10 +119,12 @@ def experiment_paper_row(name: str) -> str:
     return str(value).strip() if value else ""
 
 
-def _link(run: dict, resolve: Callable[[str], str]) -> str:
+def _link(run: dict, resolve: Callable[[str], str], wrote_column: bool = False) -> str:
     own = str(run.get("paper_row") or "").strip()
     if own and own.lower() != "nan":
         return own
+    if wrote_column:  # the run chose no row (paper_row=null): no fallback to its experiment's
+        return ""
     experiment = str(run.get("experiment") or "").strip()
     if not experiment or experiment.lower() == "nan":
         return ""
@@ -161,6 +163,9 @@ def runs(table, resolve: Callable[[str], str] | None = None):
         table["stage"] = ""
     for c in _METRIC_NUMBERS:
         table[c] = pd.to_numeric(table[c], errors="coerce") if c in table.columns else math.nan
+    # Runs from before the paper_row column have no value there at all (NaN after gather's concat); a run
+    # that wrote the column and left it empty chose no row.
+    table["_wrote_paper_row"] = table["paper_row"].notna() if "paper_row" in table.columns else False
     for c in ("experiment", "overrides", "method", "arch", "status", "paper_row"):
         table[c] = table[c].map(_text) if c in table.columns else ""
     table["stage"] = table["stage"].map(_text)
@@ -189,7 +194,7 @@ def runs(table, resolve: Callable[[str], str] | None = None):
             "wall_s": round(float(rows["wall_s"].sum(min_count=1)), 3), "overrides": some("overrides"),
             "paper_row": some("paper_row"),
         }
-        line["paper_row"] = _link(line, resolve)
+        line["paper_row"] = _link(line, resolve, wrote_column=bool(rows["_wrote_paper_row"].any()))
         lines.append(line)
     return pd.DataFrame(lines, columns=list(RUN_COLUMNS) + ["overrides", "paper_row"])
 

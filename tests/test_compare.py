@@ -318,3 +318,12 @@ def test_cli_compare_and_plot(sweep, published_csv, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"3 finished runs of 4, 1 architecture(s) -> {png}"
     assert png_size(png)[0] > 800 and png.stat().st_size > 10_000
+
+
+def test_a_run_that_chose_no_row_is_not_linked_through_its_experiment(tmp_path):
+    # paper_row="" written (the run set paper_row=null) vs the column absent (a run from before it existed)
+    write_run(tmp_path / "chose_none", finished(50.0, 91.0, 660157, 89460352), method="l1",
+              experiment="cfdp_resnet56", paper_row="")
+    write_run(tmp_path / "old", finished(50.0, 91.0, 660157, 89460352), experiment="cfdp_resnet56")
+    lines = compare.runs(results.gather([tmp_path]), resolve=lambda name: "cfdp_t2_resnet56_cfdp")
+    assert dict(zip(lines["run"], lines["paper_row"])) == {"chose_none": "", "old": "cfdp_t2_resnet56_cfdp"}
