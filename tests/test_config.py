@@ -162,3 +162,16 @@ def test_a_misspelt_experiment_is_refused_not_replaced_by_the_default_job(tmp_pa
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
     line, = proc.stderr.strip().splitlines()
     assert line.startswith("error: experiment: no option 'approxconv_resnet20_cos_33'") and "cos_3332" in line
+
+
+def test_nested_lists_for_a_number_list_name_the_key():
+    with pytest.raises(CompressError, match=r"^arch\.mean: must be three finite numbers"):
+        compose(["arch.mean=[[1,[2,[3]]],[],{a:1}]"])
+
+
+def test_an_override_that_does_not_parse_is_named(tmp_path):
+    from tests.conftest import compress_cli
+
+    proc = compress_cli("run", "seed=1", "dataset.name=[", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    line, = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.startswith("error: dataset.name: cannot parse")
