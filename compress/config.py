@@ -25,7 +25,7 @@ from compress.checks import is_count, is_number, require, require_choice
 # Anything a user string may make us build is bounded; these bounds are far beyond any real run.
 MAX_COUNT = 10_000_000          # images, epochs x batches, repeats ...
 MAX_SEED = 2**32 - 1
-MAX_THREADS = 1024
+MAX_THREADS = 128  # more OpenMP threads than this only costs memory (thread stacks) on any machine we know
 
 
 def _fail(key: str, message: str) -> None:

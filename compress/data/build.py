@@ -58,7 +58,9 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
         n_train = (sizes["train_size"] or 256) + sizes["val_size"]
         n_test = sizes["test_size"] or 128
         if (n_train + n_test) * 3 * size * size > SYNTHETIC_MAX_BYTES:
-            raise CompressError(f"dataset.train_size: a synthetic set of {n_train + n_test} images of {size}x{size} "
+            counts = {"train_size": sizes["train_size"] or 0, "val_size": sizes["val_size"], "test_size": n_test}
+            key = max(counts, key=counts.get)  # the setting that asks for most of it
+            raise CompressError(f"dataset.{key}: a synthetic set of {n_train + n_test} images of {size}x{size} "
                                 f"exceeds {SYNTHETIC_MAX_BYTES // 2**20} MiB; use fewer or smaller images")
         train_x, train_y = make_synthetic(n_train, classes, size, seed=cfg.split_seed)
         test_x, test_y = make_synthetic(n_test, classes, size, seed=cfg.split_seed + 1000)
