@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.train import autocast
+
 log = logging.getLogger("compress")
 
 ATTACKS = ("fgsm", "pgd")
@@ -134,16 +136,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
 
 
 # -- robust top-1 over a split ------------------------------------------------------------------------------------------
-def _autocast(device: torch.device, amp: bool):
-    """As `compress.train.evaluate` runs the model (bfloat16 on CUDA with amp), so epsilon 0 = clean top-1."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> int:
-    with _autocast(x.device, amp):
+    with autocast(x.device, amp):  # as compress.train.evaluate runs the model, so epsilon 0 = clean top-1
         logits = model(x)
     k = min(5, logits.shape[1])  # top-1 read off top-k exactly as compress.train.evaluate reads it
     return int(logits.float().topk(k, dim=1).indices[:, 0].eq(y).sum().item())

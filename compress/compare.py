@@ -13,7 +13,6 @@ config's key), looked up once per experiment name; anything that fails to resolv
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -67,7 +66,7 @@ def check_published(table, source: str):
 
 def load_published(path: Path | None = None):
     """The published rows: from `path`, or the package's table (`compress.papers.published()`) when
-    `path` is None; None when neither exists (no package table yet)."""
+    `path` is None."""
     import pandas as pd
 
     if path is not None:
@@ -79,16 +78,10 @@ def load_published(path: Path | None = None):
         except (OSError, ValueError) as e:
             raise CompressError(f"{path}: not a readable CSV ({_first_line(e)})") from None
         return check_published(table, str(path))
-    try:
-        papers = importlib.import_module("compress.papers")
-    except ModuleNotFoundError as e:
-        if e.name == "compress.papers":  # no package table yet
-            return None
-        raise
+    from compress import papers
+
     try:
         table = papers.published()
-    except CompressError:
-        raise
     except Exception as e:  # a broken package table: one line, not a traceback
         raise CompressError(f"published table: {_first_line(e)} (or name one with --published FILE)") from None
     return check_published(table, "compress.papers.published()")

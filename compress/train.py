@@ -17,7 +17,9 @@ from compress.data.base import Split
 log = logging.getLogger("compress")
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when `enabled` (schedule.amp); a no-op elsewhere. Evaluation, training and
+    the attacks all run the model through this one context."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -36,7 +38,7 @@ def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: i
     for x, y in tqdm(split.batches(batch_size), total=math.ceil(len(split) / batch_size), desc=desc,
                      leave=False, disable=None):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -124,7 +126,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
                    total=batches_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 loss = F.cross_entropy(step_model(x), y, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
