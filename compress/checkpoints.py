@@ -7,6 +7,7 @@ Every load is `weights_only=True`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import urllib.parse
@@ -89,6 +90,16 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> Non
 def pack(model: nn.Module, arch: str, method: str, meta: dict) -> dict:
     return {"format": FORMAT, "arch": arch, "method": method, "meta": meta,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def digest(model: nn.Module) -> str:
+    """A short hash of a model's state (names, shapes, values): tells whether two loads gave the same weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def atomic_save(obj, path: Path) -> None:

@@ -45,6 +45,9 @@ def _number_in(key: str, value: Any, low: float, high: float, *, low_open: bool 
 
 
 # ----------------------------------------------------------------------------------------------------
+VAL_SOURCES = ("train", "test")
+
+
 @dataclass
 class DatasetConfig:
     name: str = "cifar10"          # cifar10 | imagenet | synthetic
@@ -52,13 +55,19 @@ class DatasetConfig:
     download: bool = False         # let torchvision download CIFAR-10 into root when missing (needs internet)
     num_classes: int = 10
     image_size: int = 32
-    val_size: int = 5000           # held out of the training set; every decision (best epoch, rollback) uses it
+    # Where the validation images (every decision: best epoch, rollback, accuracy-driven methods) come from:
+    # train: `val_size` images held out of the training set; test: a fixed half of the test set (chosen by
+    # split_seed), the other half being the reported test set. Use test for checkpoints trained on the whole
+    # training set (the published CIFAR ResNets): a split of train/ reads ~100 % for them, so decisions are blind.
+    val_from: str = "train"        # train | test
+    val_size: int = 5000           # with val_from=train: held out of the training set (ignored with test)
     train_size: Optional[int] = None   # limit the training images (quick runs); null: all that remain after val
     test_size: Optional[int] = None    # limit the test images; null: all of them
     split_seed: int = 0            # the val split is fixed by this, not by the run seed
 
     def __post_init__(self) -> None:
         require_choice(self.name, "dataset.name", ("cifar10", "imagenet", "synthetic"))
+        require_choice(self.val_from, "dataset.val_from", VAL_SOURCES)
         _int_in("dataset.num_classes", self.num_classes, 2, 100_000)
         _int_in("dataset.image_size", self.image_size, 8, 1024)
         _int_in("dataset.val_size", self.val_size, 1)
@@ -116,6 +125,14 @@ class ScheduleConfig:
     amp: bool = True               # mixed precision, CUDA only
     compile: bool = False          # torch.compile, CUDA only (opt-in)
     max_batches: Optional[int] = None   # cap batches per epoch (quick runs)
+    # Knowledge distillation in every fine-tune of a run (recovery after prepare, rounds, final), from the
+    # model as loaded, before compression (eval mode): loss = (1 - distill) * CE + distill * T^2 * KL(T),
+    # plus feature_weight * MSE between the outputs of the modules named in distill_features (student and
+    # teacher shapes must match, e.g. FGFP's stage outputs). 0 and no features = off (no teacher is built).
+    distill: float = 0.0
+    temperature: float = 4.0
+    distill_features: List[str] = field(default_factory=list)
+    feature_weight: float = 1.0
     # Iterative schedule: rounds of (method step, fine-tune round_epochs, validate); 0 = one-shot.
     rounds: int = 0
     round_epochs: int = 1
@@ -125,6 +142,11 @@ class ScheduleConfig:
     on_rollback: str = "stop"      # stop | shrink (retry with step_scale * shrink_factor)
     shrink_factor: float = 0.5
     max_rollbacks: int = 3
+
+    @property
+    def distilling(self) -> bool:
+        """Whether a fine-tune with this schedule needs the teacher."""
+        return self.distill > 0 or bool(self.distill_features)
 
     def check(self, group: str) -> None:
         k = lambda name: f"{group}.{name}"  # noqa: E731
@@ -140,6 +162,14 @@ class ScheduleConfig:
         _int_in(k("warmup_epochs"), self.warmup_epochs, 0, 100_000)
         _number_in(k("label_smoothing"), self.label_smoothing, 0, 1, high_open=True)
         _int_in(k("max_batches"), self.max_batches, 1, allow_none=True)
+        _number_in(k("distill"), self.distill, 0, 1)
+        _number_in(k("temperature"), self.temperature, 0, 1000, low_open=True)
+        require(len(self.distill_features) <= 1000, k("distill_features"), "at most 1000 module names",
+                f"{len(self.distill_features)} of them")
+        for name in self.distill_features:
+            require(isinstance(name, str) and 0 < len(name) <= 1000 and name.isprintable(), k("distill_features"),
+                    "module names (as in model.named_modules())", name)
+        _number_in(k("feature_weight"), self.feature_weight, 0, 1e6)
         _int_in(k("rounds"), self.rounds, 0, 10_000)
         _int_in(k("round_epochs"), self.round_epochs, 0, 100_000)
         _int_in(k("prepare_epochs"), self.prepare_epochs, 0, 100_000)
@@ -261,6 +291,9 @@ class Config:
         if dataclasses.is_dataclass(self.schedule):
             self.schedule.check("schedule")
             self.pretrain.check("pretrain")
+            if self.pretrain.distilling:
+                _fail("pretrain.distill" if self.pretrain.distill else "pretrain.distill_features",
+                      "pretraining from scratch has no teacher; distil in `schedule` (the fine-tunes)")
             self.schedule = self.limits.schedule(self.schedule)
             self.pretrain = self.limits.schedule(self.pretrain)
 

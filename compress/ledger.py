@@ -21,9 +21,23 @@ from compress import CompressError, checkpoints, results
 log = logging.getLogger("compress")
 
 
+# Keys added to the config after runs were first recorded, with their defaults: left out of the fingerprint
+# while at those defaults, so that a run started before a key existed still resumes after an upgrade.
+LATER_KEYS = {
+    "dataset.val_from": "train",
+    **{f"{group}.{key}": value for group in ("schedule", "pretrain") for key, value in
+       (("distill", 0.0), ("temperature", 4.0), ("distill_features", []), ("feature_weight", 1.0))},
+}
+
+
 def fingerprint(config: dict) -> str:
     """What must be equal for `resume=true` to continue a run (where it runs, how fast, and labels do not count)."""
-    keep = {k: v for k, v in config.items() if k not in ("resume", "run_id", "threads", "overrides", "paper_row")}
+    keep = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()
+            if k not in ("resume", "run_id", "threads", "overrides", "paper_row")}
+    for dotted, default in LATER_KEYS.items():
+        group, key = dotted.split(".")
+        if isinstance(keep.get(group), dict) and keep[group].get(key, default) == default:
+            keep[group].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -104,6 +104,8 @@ class Run:
         started = time.perf_counter()
         produced = produce()
         row = self._row(stage, produced, started, status) if measure_it else self._same_as_last(stage, started)
+        if stage == "final":
+            row.update(self._rounds_summary())
         if stage == "final" and self.config.measure.attacks:  # robust top-1 columns (compress/attacks.py)
             c = self.config
             row.update(attacks.robust_columns(produced, self.data.test, c.measure, mean=c.arch.mean, std=c.arch.std,
@@ -133,8 +135,8 @@ class Run:
                 continue
             row = self._row(f"round_{k}", candidate, started, "rolled_back")
             model = snapshot  # the exact weights and structure accepted last
-            self.method.load_state_dict(method_state)
-            outcome = plan.after_rollback(self.ledger.get("rollbacks", 0), self.ledger.get("step_scale", 1.0))
+            shrink = self.method.rolled_back(method_state)
+            outcome = plan.after_rollback(self.ledger.get("rollbacks", 0), self.ledger.get("step_scale", 1.0), shrink)
             log.info("round %d: val top-1 %.2f < %.2f: rolled back%s", k, val_top1, plan.threshold,
                      "; schedule ends" if outcome.over else f"; retrying with step scale {outcome.step_scale:g}")
             self._record(row, model, round=k, rollbacks=outcome.rollbacks, step_scale=outcome.step_scale,
@@ -147,16 +149,30 @@ class Run:
         data = datasets.load(c.dataset, mean=c.arch.mean, std=c.arch.std, search=c.paths.data,
                              cache_dir=Path(c.paths.cache).expanduser(), device=self.device,
                              channels_last=c.schedule.channels_last)
-        log.info("data: %s — train %d, val %d, test %d", data.source, len(data.train), len(data.val), len(data.test))
+        log.info("data: %s — train %d, val %d (from %s), test %d", data.source, len(data.train), len(data.val),
+                 data.val_from, len(data.test))
         return data
 
     def _starting_model(self) -> nn.Module:
-        """The model as of the last recorded stage (resume), or the one `arch.checkpoint` names."""
+        """The model as of the last recorded stage (resume), or the one `arch.checkpoint` names. When the
+        fine-tunes distil, the model `arch.checkpoint` names is also the teacher (`self.teacher`), loaded
+        again on resume and checked against the digest recorded when the run started."""
+        self.teacher = None
+        loaded = None
+        if self.ledger.saved_model is None or self.config.schedule.distilling:
+            loaded = sources.starting_model(self.config, self.data, self.device).to(self.device)
+        if self.config.schedule.distilling:
+            self.teacher = layers.clone(loaded).eval()
+            digest, recorded = checkpoints.digest(self.teacher), self.ledger.get("teacher_digest")
+            if recorded is not None and recorded != digest:
+                raise CompressError(f"arch.checkpoint: the teacher ({self.config.arch.checkpoint}) differs from the model "
+                                    "this run started from; restore that file, or start a new run dir")
+            self.ledger.state["teacher_digest"] = digest
         if self.ledger.saved_model is not None:
             model = sources.unpack(self.ledger.saved_model, self.arch, self.data.num_classes)
             self.method.load_state_dict(self.ledger.get("method_state") or {})
             return model.to(self.device)
-        return sources.starting_model(self.config, self.data, self.device).to(self.device)
+        return loaded
 
     def _calibration(self, batches: int, batch_size: int, augment: bool = False):
         """Deterministic batches from the training split (cycled when it is smaller than asked)."""
@@ -187,7 +203,7 @@ class Run:
         model, _ = train.fit(model, self.data.train, self.data.val, sched, self.device, seed=self.config.seed,
                              resume=self.ledger.fit_resume_state(stage) if resumable else None,
                              on_epoch_end=(lambda s: self.ledger.save_fit(stage, s)) if resumable else None,
-                             desc=stage, eval_batch_size=self.config.measure.eval_batch_size)
+                             desc=stage, eval_batch_size=self.config.measure.eval_batch_size, teacher=self.teacher)
         return model
 
     # -- rows -------------------------------------------------------------------------------------------------------
@@ -198,11 +214,21 @@ class Run:
         row = {"run_id": self.ledger.run_id, **self.labels, "method": self.method.name, "arch": self.arch,
                "dataset": self.data.name, "seed": self.config.seed, "stage": stage, "status": status,
                "top1": round(test["top1"], 3), "top5": round(test["top5"], 3), "loss": round(test["loss"], 5),
-               "val_top1": round(val["top1"], 3),
+               "val_top1": round(val["top1"], 3), "val_from": self.data.val_from,
                **measure.model_costs(model, self.data.image_shape, storage_bytes=self.method.storage_bytes(model),
                                      latency=m.latency, latency_repeats=m.latency_repeats, threads=self.config.threads)}
         row["wall_s"] = round(time.perf_counter() - started, 2)
         return results.with_reductions(row, self.ledger.baseline or row)
+
+    def _rounds_summary(self) -> dict:
+        """For the final row of an iterative run: how many rounds were accepted and rolled back."""
+        if self.config.schedule.rounds <= 0:
+            return {"rounds_accepted": "", "rounds_rolled_back": ""}
+        rounds = [r for r in self.ledger.rows if r["stage"].startswith("round_") and r["stage"] != "round_0"]
+        accepted = sum(r.get("status") == "accepted" for r in rounds)
+        rolled_back = sum(r.get("status") == "rolled_back" for r in rounds)
+        log.info("rounds: %d accepted, %d rolled back (of at most %d)", accepted, rolled_back, self.config.schedule.rounds)
+        return {"rounds_accepted": accepted, "rounds_rolled_back": rolled_back}
 
     def _same_as_last(self, stage: str, started: float) -> dict:
         """The row of a stage that did not change the model: the previous row's numbers."""

@@ -14,6 +14,8 @@ COLUMNS = [
     "latency_ms_b1", "latency_ms_b64", "size_bytes", "wall_s", "experiment", "overrides",
     "latency_iqr_ms_b1", "latency_iqr_ms_b64",  # spread of the latency repeats (torch.utils.benchmark)
     "paper_row",  # the published row the run reproduces (config key paper_row; configs/tables/published.csv)
+    "val_from",  # where val_top1's images come from: train (held out of it) or test (a half; top1 on the other)
+    "rounds_accepted", "rounds_rolled_back",  # final row of an iterative run: where the schedule ended
 ]
 
 

@@ -41,7 +41,8 @@ class IterativeSchedule:
     def accepts(self, val_top1: float) -> bool:
         return self.threshold is None or val_top1 >= self.threshold
 
-    def after_rollback(self, rollbacks_before: int, step_scale: float) -> RollbackOutcome:
+    def after_rollback(self, rollbacks_before: int, step_scale: float, shrink: bool = True) -> RollbackOutcome:
+        """`shrink=False`: the method says a smaller step means nothing for what was rolled back (the scale stays)."""
         rollbacks = rollbacks_before + 1
         over = self.on_rollback == "stop" or rollbacks > self.max_rollbacks
-        return RollbackOutcome(rollbacks, step_scale * (1.0 if over else self.shrink_factor), over)
+        return RollbackOutcome(rollbacks, step_scale * (1.0 if over or not shrink else self.shrink_factor), over)

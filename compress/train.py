@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress import CompressError
 from compress.config import ScheduleConfig
 from compress.data.base import Split
 
@@ -86,18 +88,94 @@ def make_scheduler(opt: torch.optim.Optimizer, sched: ScheduleConfig, steps_per_
     return lr_sched.SequentialLR(opt, [warmup, main], milestones=[warm])
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term: T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over the
+    batch. The T^2 keeps its gradient on the scale of the cross-entropy's whatever T is."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+class FeatureTaps:
+    """Forward hooks keeping the latest output of named modules (`outputs[name]`), removed by `close`."""
+
+    def __init__(self, model: nn.Module, names: list[str], key: str = "schedule.distill_features"):
+        modules = dict(model.named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise CompressError(f"{key}: no module named {unknown[0]!r} in the model (names as in model.named_modules(), "
+                                f"e.g. {', '.join(list(modules)[1:4])})")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in names]
+
+    def _keeper(self, name: str):
+        def keep(module, inputs, output):
+            self.outputs[name] = output
+        return keep
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.outputs.clear()
+
+
+class Distiller:
+    """The distillation part of a fine-tune's loss (schedule.distill, temperature, distill_features): the
+    teacher, frozen in eval mode, sees the same augmented batch as the student."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, sched: ScheduleConfig):
+        self.teacher, self.weight, self.temperature = teacher.eval(), float(sched.distill), sched.temperature
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.feature_weight, self.names = float(sched.feature_weight), list(sched.distill_features)
+        self.student_taps = FeatureTaps(student, self.names)
+        self.teacher_taps = FeatureTaps(self.teacher, self.names)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """(1 - distill) * CE + distill * KD + feature_weight * mean over features of MSE (student's taps are
+        filled by the student's forward that produced `student_logits`)."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        loss = student_logits.new_zeros(())
+        if self.weight < 1:
+            loss = loss + (1 - self.weight) * F.cross_entropy(student_logits, y, label_smoothing=label_smoothing)
+        if self.weight > 0:
+            loss = loss + self.weight * distillation_loss(student_logits, teacher_logits, self.temperature)
+        if self.names:
+            terms = []
+            for n in self.names:
+                s, t = self.student_taps.outputs[n], self.teacher_taps.outputs[n]
+                if s.shape != t.shape:
+                    raise CompressError(f"schedule.distill_features: {n!r} gives {tuple(s.shape)} in the compressed "
+                                        f"model but {tuple(t.shape)} in the teacher; name modules whose outputs keep "
+                                        "their shape")
+                terms.append(F.mse_loss(s.float(), t.float()))
+            loss = loss + self.feature_weight * torch.stack(terms).mean()
+        return loss
+
+    def __enter__(self) -> "Distiller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.student_taps.close()
+        self.teacher_taps.close()
+
+
 def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, device: torch.device, *, seed: int = 0,
         resume: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None, desc: str = "train",
-        eval_batch_size: int = 500) -> tuple[nn.Module, dict]:
+        eval_batch_size: int = 500, teacher: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Train for sched.epochs, keep the weights of the best epoch by validation top-1 (never test).
 
     `resume` is a state dict produced by a previous call's `on_epoch_end`; training continues after its
-    last finished epoch with the same optimizer, scheduler and random state.
+    last finished epoch with the same optimizer, scheduler and random state. `teacher` (required when the
+    schedule distils, ignored otherwise) is the model distilled from.
     """
     epochs = sched.epochs
     info = {"epochs_run": 0, "best_epoch": None, "best_val_top1": None}
     if epochs <= 0:
         return model, info
+    if sched.distilling and teacher is None:
+        raise CompressError("schedule.distill: this fine-tune has no teacher to distil from")
     if sched.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, sched)
@@ -118,34 +196,40 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
     amp = sched.amp and device.type == "cuda"
     step_model = torch.compile(model) if sched.compile and device.type == "cuda" else model
     smoothing = sched.label_smoothing
-    for epoch in range(start, epochs):
-        model.train()
-        running, seen = 0.0, 0
-        bar = tqdm(train.batches(sched.batch_size, shuffle=True, augment=True, generator=generator,
-                                 max_batches=batches_per_epoch),
-                   total=batches_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, amp):
-                loss = F.cross_entropy(step_model(x), y, label_smoothing=smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            scheduler.step()
-            running += loss.item() * y.numel()
-            seen += y.numel()
-            bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        val_top1 = evaluate(model, val, device, eval_batch_size, amp, desc="val")["top1"]
-        log.info("%s epoch %d/%d: train loss %.4f, val top-1 %.2f", desc, epoch + 1, epochs, running / max(seen, 1),
-                 val_top1)
-        if val_top1 > best_top1:
-            best_top1, best_epoch = val_top1, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        info.update(epochs_run=epoch + 1, best_epoch=best_epoch, best_val_top1=best_top1)
-        if on_epoch_end:
-            on_epoch_end({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                          "best_val_top1": best_top1, "best_state": best_state, "best_epoch": best_epoch})
+    with contextlib.ExitStack() as stack:
+        distiller = stack.enter_context(Distiller(teacher, model, sched)) if sched.distilling else None
+        for epoch in range(start, epochs):
+            model.train()
+            running, seen = 0.0, 0
+            epoch_started = time.perf_counter()
+            bar = tqdm(train.batches(sched.batch_size, shuffle=True, augment=True, generator=generator,
+                                     max_batches=batches_per_epoch),
+                       total=batches_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None)
+            for x, y in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, amp):
+                    logits = step_model(x)
+                    loss = (distiller.loss(x, y, logits, smoothing) if distiller is not None
+                            else F.cross_entropy(logits, y, label_smoothing=smoothing))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                scheduler.step()
+                running += loss.item() * y.numel()
+                seen += y.numel()
+                bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            images_per_s = seen / max(time.perf_counter() - epoch_started, 1e-9)
+            val_top1 = evaluate(model, val, device, eval_batch_size, amp, desc="val")["top1"]
+            log.info("%s epoch %d/%d: train loss %.4f, val top-1 %.2f (%.0f images/s%s)", desc, epoch + 1, epochs,
+                     running / max(seen, 1), val_top1, images_per_s, ", distilling" if distiller is not None else "")
+            if val_top1 > best_top1:
+                best_top1, best_epoch = val_top1, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            info.update(epochs_run=epoch + 1, best_epoch=best_epoch, best_val_top1=best_top1)
+            if on_epoch_end:
+                on_epoch_end({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                              "best_val_top1": best_top1, "best_state": best_state, "best_epoch": best_epoch})
     if best_state is not None:
         model.load_state_dict(best_state)
     log.info("%s: kept epoch %s (val top-1 %.2f)", desc, best_epoch, best_top1)

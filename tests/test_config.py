@@ -52,7 +52,7 @@ def test_smoke_preset_caps_every_schedule_and_keeps_one_shot_runs_one_shot():
     assert one_shot.dataset.name == "synthetic" and one_shot.arch.checkpoint == "random"
     assert one_shot.schedule.rounds == 0 and one_shot.schedule.epochs == 1 and one_shot.schedule.max_batches == 2
     fgfp = compose(["experiment=fgfp_resnet20", "debug=smoke"])
-    assert (fgfp.schedule.rounds, fgfp.schedule.epochs, fgfp.schedule.prepare_epochs, fgfp.schedule.batch_size) == (2, 1, 1, 16)
+    assert (fgfp.schedule.rounds, fgfp.schedule.epochs, fgfp.schedule.prepare_epochs, fgfp.schedule.batch_size) == (2, 1, 0, 16)
     assert fgfp.limits.quick and not fgfp.measure.latency
 
 
@@ -100,6 +100,9 @@ def test_threshold_is_the_stricter_bound_and_rollback_policy():
     assert (first.rollbacks, first.step_scale, first.over) == (1, 0.5, False)
     third = plan.after_rollback(2, 0.25)
     assert third.over and third.step_scale == 0.25
+    # the method says a smaller step means nothing for what was rolled back: it counts, the scale stays
+    kept = plan.after_rollback(0, 1.0, shrink=False)
+    assert (kept.rollbacks, kept.step_scale, kept.over) == (1, 1.0, False)
     stop = IterativeSchedule.from_config(dataclasses.replace(s, on_rollback="stop"), 93.0).after_rollback(0, 1.0)
     assert stop.over
     assert IterativeSchedule.from_config(ScheduleConfig(rounds=3), 93.0).accepts(0.0)

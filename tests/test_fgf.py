@@ -1,9 +1,12 @@
 """Fractional Gaussian Filters: the Grunwald-Letnikov operator against closed forms, the FGF kernel's
 ranges and numerical safety, fitting (compress.layers.fgf), layer selection, and the FGFP method's options,
-conversion, rounds, restore and deployable form."""
+conversion (all at once, or one layer per round with rollback and resume), rounds, restore and deployable
+form, also through the pipeline."""
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import logging
 import math
 from pathlib import Path
@@ -17,19 +20,25 @@ from torch.nn.utils import parametrize
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from compress import CompressError
-from compress.layers import deployable
+from compress import CompressError, layers, models
+from compress.layers import deployable, masks
 from compress.layers.fgf import (FractionalGaussianKernel, axis_factor, decode, encode, fgf_kernel, fit_fgf, gl_weights,
-                                 grid, grunwald_letnikov, lattice_stride)
+                                 fgf_layer_names, grid, grunwald_letnikov, lattice_stride)
 from compress.methods.aup import AUP
 from compress.methods.base import Context
-from compress.methods.fgfp import FGFP, select_layers
+from compress.config import compose
+from compress.methods.fgfp import FGFP, conversion_order, select_layers
+from compress.pipeline import Run
+from compress.rounds import IterativeSchedule
 from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 F64 = torch.float64
+# ResNet-20's stage-3 convs of stride 1 (64 -> 64, 36,864 weights each), deepest first: the default FGF
+# layers and their one-by-one order
+STAGE3 = ["layer3.2.conv2", "layer3.2.conv1", "layer3.1.conv2", "layer3.1.conv1", "layer3.0.conv2"]
 
 
 def ctx() -> Context:
@@ -190,8 +199,30 @@ def test_select_layers_by_count_and_by_pattern():
     with pytest.raises(CompressError, match="method.layers"):
         select_layers(model, 4)
     # layers that are FGFs already are not candidates again
-    fgfp(layers=["conv3"], fit_steps=0).prepare(model, ctx())
+    fgfp(layers=["conv3"], fit_steps=0, convert="all").prepare(model, ctx())
     assert select_layers(model, 1) == ["conv2"]
+
+
+def test_skip_strided_leaves_the_resolution_changes_ordinary():
+    model = models.build("resnet20", 10)
+    strided = ["layer2.0.conv1", "layer3.0.conv1"]
+    assert all(model.get_submodule(n).stride == (2, 2) for n in strided)
+    # N convs with the most input channels: stage 3 has 5 stride-1 convs with 64 inputs; the 6th would be
+    # the strided layer3.0.conv1 (32 inputs, the deepest of them) unless strided convs are skipped
+    assert select_layers(model, 6) == ["layer3.0.conv1", *STAGE3[::-1]]
+    assert select_layers(model, 5, skip_strided=True) == STAGE3[::-1]
+    assert select_layers(model, 6, skip_strided=True) == ["layer2.2.conv2", *STAGE3[::-1]]
+    assert select_layers(model, "layer3.*", skip_strided=True) == STAGE3[::-1]
+    assert select_layers(model, "layer3.*") == ["layer3.0.conv1", *STAGE3[::-1]]
+    with pytest.raises(CompressError, match="matches no Conv2d layer.*skip_strided"):
+        select_layers(model, ["layer3.0.conv1", "layer2.0.conv1"], skip_strided=True)
+    with pytest.raises(CompressError, match="skip_strided leaves out the 2 strided"):
+        select_layers(model, 18, skip_strided=True)
+    # the method's defaults are the paper's: stage 3's stride-1 convs of ResNet-20, largest (ties: deepest) first
+    method = FGFP()
+    assert method.options.skip_strided and method.options.convert == "one_by_one"
+    method.prepare(model, ctx())
+    assert method.state_dict()["order"] == STAGE3
 
 
 @pytest.mark.parametrize("options, key", [
@@ -202,6 +233,7 @@ def test_select_layers_by_count_and_by_pattern():
     ({"fit_lr": 0.0}, "method.fit_lr"), ({"amplitude": 1}, "method.amplitude"),
     ({"layers": 0}, "method.layers"), ({"layers": True}, "method.layers"), ({"layers": [1]}, "method.layers"),
     ({"layers": []}, "method.layers"), ({"pr": 1.0}, "method.pr"), ({"keep_layers": 3}, "method.keep_layers"),
+    ({"convert": "each"}, "method.convert"), ({"skip_strided": "yes"}, "method.skip_strided"),
 ])
 def test_options_are_checked(options, key):
     with pytest.raises(CompressError, match=key):
@@ -211,7 +243,9 @@ def test_options_are_checked(options, key):
 def test_options_are_a_typed_schema_with_one_set_of_defaults():
     schema = OmegaConf.structured(FGFP.Options)
     assert OmegaConf.to_object(schema) == FGFP.Options() == FGFP().options
-    assert FGFP.Options().name == "fgfp" and FGFP.Options().layers == 6 and FGFP.Options().pr == 0.05
+    assert FGFP.Options().name == "fgfp" and FGFP.Options().layers == 5 and FGFP.Options().pr == 0.05
+    defaults = FGFP.Options()
+    assert (defaults.convert, defaults.skip_strided, defaults.amplitude) == ("one_by_one", True, False)
     # what Hydra does with overrides: types checked against the fields, unknown keys refused
     with pytest.raises(ValidationError):
         OmegaConf.merge(schema, {"terms": "abc"})
@@ -237,7 +271,7 @@ def test_fgfp_declares_that_it_works_in_rounds():
 def test_conversion_counts_and_persistence(amplitude, per_channel):
     torch.manual_seed(0)
     model = Tiny()
-    method = fgfp(layers=["conv2", "conv3"], amplitude=amplitude, fit_steps=20)
+    method = fgfp(layers=["conv2", "conv3"], amplitude=amplitude, fit_steps=20, convert="all")
     dense = sum(p.numel() for p in model.parameters())
     model = method.prepare(model, ctx())
     # Still Conv2d layers; 7 or 8 numbers per output channel plus the bias replace each kernel.
@@ -272,7 +306,7 @@ def test_conversion_counts_and_persistence(amplitude, per_channel):
 
 def test_fgf_parameters_train():
     torch.manual_seed(0)
-    model = fgfp(layers=["conv3"], fit_steps=0).prepare(Tiny(), ctx())
+    model = fgfp(layers=["conv3"], fit_steps=0, convert="all").prepare(Tiny(), ctx())
     raw = model.conv3.parametrizations.weight.original
     before = raw.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -284,7 +318,7 @@ def test_fgf_parameters_train():
 
 def test_fgfp_rounds_prune_only_ordinary_weights():
     torch.manual_seed(0)
-    method = fgfp(layers=["conv3"], fit_steps=0, pr=0.25)
+    method = fgfp(layers=["conv3"], fit_steps=0, pr=0.25, convert="all")
     model = method.prepare(Tiny(), ctx())
     method.step(model, ctx(), 1, 1.0)
     assert hasattr(model.conv1, "weight_mask") and hasattr(model.fc, "weight_mask")
@@ -292,7 +326,7 @@ def test_fgfp_rounds_prune_only_ordinary_weights():
     assert int(model.conv2.weight_mask.sum()) == 864 - 216
     meta, state = method.meta(model), copy.deepcopy(model.state_dict())
     assert meta == {"pruned": ["conv1", "conv2", "fc"],
-                    "fgf": {"conv3": {"terms": 15, "step": 0.25, "grid": "pixel", "amplitude": True}}}
+                    "fgf": {"conv3": {"terms": 15, "step": 0.25, "grid": "pixel", "amplitude": False}}}
     x = torch.randn(2, 3, 8, 8)
     # FGFP's model.pt reloads through either method (method=aup may continue pruning an FGFP model)
     for cls in (FGFP, AUP):
@@ -312,7 +346,7 @@ def test_fgfp_rounds_prune_only_ordinary_weights():
 def test_fgfp_rounds_are_aups_and_empty_prune_layers_means_conversion_only():
     torch.manual_seed(0)
     # FGFP's rounds prune exactly as AUP does with the same options on the same converted model
-    method = fgfp(layers=["conv3"], fit_steps=0, pr=0.1, keep_layers=["fc"])
+    method = fgfp(layers=["conv3"], fit_steps=0, pr=0.1, keep_layers=["fc"], convert="all")
     model = method.prepare(Tiny(), ctx())
     twin = copy.deepcopy(model)
     method.step(model, ctx(), 1, 0.5)
@@ -321,10 +355,150 @@ def test_fgfp_rounds_are_aups_and_empty_prune_layers_means_conversion_only():
     for key, value in twin.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
     assert method.storage_bytes(model) == AUP().storage_bytes(model)
-    # prune_layers: [] -> the rounds end at once, nothing pruned
-    only_fgf = fgfp(layers=["conv3"], fit_steps=0, prune_layers=[])
+    # prune_layers: [] -> the rounds end once the conversions are done, nothing pruned
+    only_fgf = fgfp(layers=["conv3"], fit_steps=0, prune_layers=[], convert="all")
     model = only_fgf.prepare(Tiny(), ctx())
     assert only_fgf.step(model, ctx(), 1, 1.0) is None and not hasattr(model.conv1, "weight_mask")
+    one_by_one = fgfp(layers=["conv2", "conv3"], fit_steps=0, prune_layers=[])
+    model = one_by_one.prepare(Tiny(), ctx())
+    assert one_by_one.step(model, ctx(), 1, 1.0) is model and one_by_one.step(model, ctx(), 2, 1.0) is model
+    assert one_by_one.step(model, ctx(), 3, 1.0) is None
+    assert fgf_layer_names(model) == ["conv2", "conv3"] and not masks.pruned_modules(model)
+
+
+# -- one layer per round (convert=one_by_one, the default) ----------------------------------------------
+def fgf_params(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_submodule(name).parametrizations.weight.original
+
+
+def pipeline_rollback(method: FGFP, model: nn.Module, round_index: int, step_scale: float) -> tuple[nn.Module, bool]:
+    """What the pipeline does in a round that falls under the threshold: snapshot model and method state,
+    step, then restore both; returns the restored model and whether the method asks for a smaller step."""
+    snapshot, state = layers.clone(model), copy.deepcopy(method.state_dict())
+    method.step(model, ctx(), round_index, step_scale)
+    return snapshot, method.rolled_back(state)
+
+
+def test_one_by_one_converts_one_layer_per_step_largest_first_then_prunes():
+    torch.manual_seed(0)
+    model = models.build("resnet20", 10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = fgfp(layers="layer3.*", fit_steps=0, pr=0.25)
+    assert not method.changes_model  # the `compressed` row repeats the baseline's numbers
+    assert method.prepare(model, ctx()) is model
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+    # stride-1 convs only (layer3.0.conv1 stays ordinary), largest first; all tie at 36,864 weights: deepest first
+    assert method.state_dict()["order"] == STAGE3 == conversion_order(model, STAGE3[::-1])
+    params = sum(p.numel() for p in model.parameters())
+    for k, name in enumerate(STAGE3, start=1):
+        assert method.next_layer() == name
+        assert method.step(model, ctx(), k, 1.0) is model
+        assert fgf_layer_names(model) == sorted(STAGE3[:k])  # exactly one more layer each step
+        assert method.state_dict()["converted"] == STAGE3[:k]
+        assert fgf_params(model, name).shape == (64, 7)  # the paper's 7 parameters per kernel (no gain)
+        assert not masks.pruned_modules(model)
+        params, previous = sum(p.numel() for p in model.parameters()), params
+        assert previous - params == 64 * 64 * 9 - 64 * 7
+    assert params == 269_722 - 5 * (36_864 - 448)
+    assert method.next_layer() is None
+    # every chosen layer converted: the steps are AUP rounds on the ordinary weights (strided conv included)
+    assert method.step(model, ctx(), 6, 1.0) is model
+    pruned = {name for name, _, _ in masks.pruned_modules(model)}
+    assert "layer3.0.conv1" in pruned and "linear" in pruned and not pruned & set(STAGE3)
+    assert int(model.get_submodule("layer3.0.conv1").weight_mask.sum()) == 18_432 - 4_608
+    assert method.state_dict()["converted"] == STAGE3
+
+
+def test_one_by_one_state_round_trips_with_a_partly_converted_model_pt():
+    torch.manual_seed(0)
+    model = models.build("resnet20", 10).eval()
+    method = fgfp(fit_steps=3)  # the defaults: layers 5, skip_strided, one_by_one
+    method.prepare(model, ctx())
+    for k in (1, 2):
+        method.step(model, ctx(), k, 1.0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x)
+    state = method.state_dict()
+    assert state["converted"] == STAGE3[:2] and state["skipped"] == []
+    # state.pt and model.pt go through torch.save / torch.load(weights_only=True)
+    buf = io.BytesIO()
+    torch.save({"method_state": state, "meta": method.meta(model), "model": model.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert set(saved["meta"]["fgf"]) == set(STAGE3[:2])
+    fresh = FGFP.restore(models.build("resnet20", 10), saved["meta"], saved["model"])
+    fresh.load_state_dict(saved["model"])  # strict: the partial conversion is rebuilt exactly
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), out, atol=1e-6)
+    resumed = fgfp(fit_steps=3)
+    resumed.load_state_dict(saved["method_state"])
+    assert resumed.state_dict() == state and resumed.next_layer() == STAGE3[2]
+    assert resumed.step(fresh, ctx(), 3, 1.0) is fresh
+    assert fgf_layer_names(fresh) == sorted(STAGE3[:3])
+    # the same step as the uninterrupted method's (the fit is deterministic)
+    method.step(model, ctx(), 3, 1.0)
+    assert torch.equal(fgf_params(fresh, STAGE3[2]), fgf_params(model, STAGE3[2]))
+    assert resumed.state_dict() == method.state_dict()
+
+
+def test_a_rolled_back_conversion_leaves_its_layer_ordinary_and_the_next_round_converts_the_next():
+    torch.manual_seed(0)
+    method = fgfp(layers="conv*", fit_steps=0, pr=0.25)
+    model = method.prepare(Tiny(), ctx())
+    assert method.state_dict()["order"] == ["conv3", "conv2", "conv1"]  # 1296, 864, 216 weights
+    # round 1 converts conv3, falls under the threshold: rolled back (model and method state); a smaller
+    # step means nothing for a conversion, so the method does not ask for one
+    model, shrink = pipeline_rollback(method, model, 1, 1.0)
+    assert fgf_layer_names(model) == [] and method.state_dict()["skipped"] == ["conv3"] and not shrink
+    assert method.next_layer() == "conv2"
+    # the retry converts the next layer; resume (a fresh method loading the saved state) sees the same
+    stored = method.state_dict()
+    assert method.step(model, ctx(), 2, 1.0) is model and fgf_layer_names(model) == ["conv2"]
+    method.step(model, ctx(), 3, 1.0)
+    assert fgf_layer_names(model) == ["conv1", "conv2"] and method.next_layer() is None
+    assert method.state_dict()["converted"] == ["conv2", "conv1"] and method.state_dict()["skipped"] == ["conv3"]
+    # the pruning rounds: conv3 (ordinary) and fc are pruned at the full pr
+    method.step(model, ctx(), 4, 1.0)
+    assert int(model.conv3.weight_mask.sum()) == 1296 - 324 and int(model.fc.weight_mask.sum()) == 48 - 12
+    assert not hasattr(model.conv2, "weight_mask")
+    # a rolled-back pruning round asks for a smaller next step (the pipeline halves step_scale: pr * 0.5)
+    model, shrink = pipeline_rollback(method, model, 5, 1.0)
+    assert shrink and int(model.conv3.weight_mask.sum()) == 972
+    method.step(model, ctx(), 6, 0.5)
+    assert int(model.conv3.weight_mask.sum()) == 972 - round(0.125 * 972)
+    again = fgfp(layers="conv*", fit_steps=0, pr=0.25)
+    again.load_state_dict(copy.deepcopy(stored))
+    assert again.state_dict() == stored and again.next_layer() == "conv2"
+
+
+def test_two_rolled_back_conversions_in_a_row_skip_both():
+    method = fgfp(layers="conv*", fit_steps=0, pr=0.25)
+    model = method.prepare(Tiny(), ctx())
+    model, first = pipeline_rollback(method, model, 1, 1.0)
+    model, second = pipeline_rollback(method, model, 2, 1.0)
+    assert not first and not second
+    assert method.state_dict()["skipped"] == ["conv3", "conv2"] and method.next_layer() == "conv1"
+    method.step(model, ctx(), 3, 1.0)
+    assert fgf_layer_names(model) == ["conv1"]
+    method.step(model, ctx(), 4, 1.0)
+    assert int(model.conv3.weight_mask.sum()) == 1296 - 324 and int(model.conv2.weight_mask.sum()) == 864 - 216
+    # load_state_dict is a plain load: an earlier state takes the method back there
+    earlier = fgfp(layers="conv*", fit_steps=0)
+    earlier.load_state_dict({**method.state_dict(), "converted": [], "skipped": []})
+    assert earlier.next_layer() == "conv3"
+
+
+def test_convert_all_converts_everything_in_prepare_and_steps_prune():
+    torch.manual_seed(0)
+    method = fgfp(layers="conv*", fit_steps=0, pr=0.25, convert="all")
+    assert method.changes_model
+    model = method.prepare(Tiny(), ctx())
+    assert fgf_layer_names(model) == ["conv1", "conv2", "conv3"]
+    assert method.state_dict()["converted"] == ["conv1", "conv2", "conv3"] and method.next_layer() is None
+    assert method.step(model, ctx(), 1, 1.0) is model
+    assert {name for name, _, _ in masks.pruned_modules(model)} == {"fc"}
 
 
 @pytest.mark.skipif(not (SHARED / "pretrained" / "resnet20-12fca82f.th").is_file(), reason="needs ../shared")
@@ -351,3 +525,67 @@ def test_fgfp_without_rounds_names_its_recipe(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "schedule.rounds: method 'fgfp' works in rounds; set schedule.rounds > 0" in lines[0]
     assert "schedule=fgfp_cifar" in lines[0]
+
+
+# -- through the pipeline (in process, synthetic data, smoke caps) ----------------------------------------
+def fgfp_run(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, list[dict], dict, dict]:
+    """A smoke run of experiment=fgfp_resnet20 in `tmp_path/name`: (run dir, metrics rows, state.pt, model.pt)."""
+    config = compose(["experiment=fgfp_resnet20", "debug=smoke", f"paths.cache={tmp_path / 'cache'}", "threads=1",
+                      *overrides])
+    run_dir = tmp_path / name
+    Run(config, run_dir).execute()
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    load = lambda file: torch.load(run_dir / file, map_location="cpu", weights_only=True)  # noqa: E731
+    return run_dir, rows, load("state.pt"), load("model.pt")
+
+
+def test_one_by_one_through_the_pipeline_resumes_after_a_kill(tmp_path, monkeypatch, threads):
+    # 7 rounds: the 5 conversions, then 2 AUP rounds; interrupted in round 3, after its conversion
+    overrides = ("limits.rounds=7",)
+    _, rows, state, packed = fgfp_run(tmp_path, "whole", *overrides)
+    assert [(r["stage"], r["status"]) for r in rows] == [
+        ("baseline", ""), ("compressed", ""), *[(f"round_{k}", "accepted") for k in range(1, 8)], ("final", "")]
+    assert rows[1]["params"] == rows[0]["params"]  # prepare converts nothing: the baseline's numbers
+    params = [int(r["params"]) for r in rows]
+    assert [params[k] - params[k + 1] for k in range(1, 6)] == [36_864 - 448] * 5  # one layer per round
+    assert int(rows[-1]["params_nonzero"]) < int(rows[6]["params_nonzero"])  # then AUP rounds
+    assert state["method_state"]["converted"] == STAGE3 and state["method_state"]["skipped"] == []
+    assert set(packed["meta"]["fgf"]) == set(STAGE3) and "layer3.0.conv1" in packed["meta"]["pruned"]
+
+    step = FGFP.step
+
+    def killed_in_round_3(self, model, ctx, k, scale):
+        out = step(self, model, ctx, k, scale)
+        if k == 3:
+            raise KeyboardInterrupt  # what SIGTERM does (compress.cli): mid-round, after the conversion
+        return out
+
+    monkeypatch.setattr(FGFP, "step", killed_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        fgfp_run(tmp_path, "killed", *overrides)
+    saved = torch.load(tmp_path / "killed" / "state.pt", map_location="cpu", weights_only=True)
+    assert [r["stage"] for r in saved["rows"]][-1] == "round_2" and saved["method_state"]["converted"] == STAGE3[:2]
+    monkeypatch.setattr(FGFP, "step", step)
+    _, resumed_rows, resumed_state, resumed_packed = fgfp_run(tmp_path, "killed", *overrides, "resume=true")
+    assert [r["stage"] for r in resumed_rows] == [r["stage"] for r in rows]  # no row twice, none missing
+    assert resumed_state["method_state"] == state["method_state"]
+    assert resumed_packed["meta"] == packed["meta"]
+    # the same model as the uninterrupted run's: round 3 was redone from its start
+    assert resumed_packed["state_dict"].keys() == packed["state_dict"].keys()
+    assert all(torch.equal(v, packed["state_dict"][k]) for k, v in resumed_packed["state_dict"].items())
+
+
+def test_a_conversion_rolled_back_by_the_pipeline_stays_ordinary(tmp_path, monkeypatch, threads):
+    # round 1 (converting layer3.2.conv2) falls under the threshold; round 2 converts the next layer
+    verdicts = iter([False])
+    monkeypatch.setattr(IterativeSchedule, "accepts", lambda self, top1: next(verdicts, True))
+    _, rows, state, packed = fgfp_run(tmp_path, "run", "limits.rounds=3")
+    assert [(r["stage"], r["status"]) for r in rows][2:] == [
+        ("round_1", "rolled_back"), ("round_2", "accepted"), ("round_3", "accepted"), ("final", "")]
+    assert state["step_scale"] == 1.0  # a rolled-back conversion does not shrink the pruning step
+    assert rows[-1]["rounds_accepted"] == "2" and rows[-1]["rounds_rolled_back"] == "1"
+    progress = state["method_state"]
+    assert progress["skipped"] == STAGE3[:1] and progress["converted"] == STAGE3[1:3]
+    assert set(packed["meta"]["fgf"]) == set(STAGE3[1:3])
+    assert packed["state_dict"]["layer3.2.conv2.weight"].shape == (64, 64, 3, 3)  # ordinary

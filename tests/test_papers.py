@@ -176,7 +176,8 @@ def test_the_cli_stops_on_an_unknown_paper_row(cli_in_process):
 def test_metrics_rows_carry_the_paper_row(tmp_path: Path):
     from compress.pipeline import Run
 
-    assert METRICS_COLUMNS[-1] == "paper_row"  # a new column only ever comes last
+    # new columns only ever come last: paper_row right after the latency spread, the later ones after it
+    assert METRICS_COLUMNS.index("paper_row") == METRICS_COLUMNS.index("latency_iqr_ms_b64") + 1
     run = Run(compose(["experiment=cfdp_resnet56", "device=cpu"]), tmp_path / "run", experiment="cfdp_resnet56")
     assert run.labels["paper_row"] == "cfdp-t2-resnet56-cfdp-1"
     assert Run(compose(["device=cpu"]), tmp_path / "other").labels["paper_row"] == ""

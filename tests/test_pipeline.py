@@ -25,7 +25,7 @@ METRICS_COLUMNS = [
     "run_id", "method", "arch", "dataset", "seed", "stage", "status", "top1", "top5", "loss", "val_top1", "params",
     "params_nonzero", "macs", "params_reduction_pct", "macs_reduction_pct", "top1_delta", "latency_ms_b1",
     "latency_ms_b64", "size_bytes", "wall_s", "experiment", "overrides", "latency_iqr_ms_b1", "latency_iqr_ms_b64",
-    "paper_row",
+    "paper_row", "val_from", "rounds_accepted", "rounds_rolled_back",
 ]
 
 
@@ -181,6 +181,7 @@ def test_rollback_restores_the_exact_previous_weights(tmp_path, quick_args, pert
     assert [(r["stage"], r["status"]) for r in table] == [
         ("baseline", ""), ("compressed", ""), ("round_1", "rolled_back"), ("round_2", "rolled_back"), ("final", "")]
     assert perturb.scales == [1.0, 0.5]  # shrink once, then stop after max_rollbacks
+    assert (table[-1]["rounds_accepted"], table[-1]["rounds_rolled_back"]) == ("0", "2")  # where it ended
     assert float(table[-1]["top1"]) == float(table[0]["top1"])
     cached = next((tmp_path / "cache" / "pretrained").glob("*.pt"))
     pretrained = torch.load(cached, map_location="cpu", weights_only=True)["state_dict"]
@@ -196,6 +197,8 @@ def test_prepare_epochs_fine_tune_before_the_rounds(tmp_path, quick_args, pertur
     Run(config, tmp_path / "run").execute()
     assert [(r["stage"], r["status"]) for r in rows(tmp_path / "run")] == [
         ("baseline", ""), ("compressed", ""), ("round_0", "accepted"), ("round_1", "accepted"), ("final", "")]
+    # round_0 is the recovery after prepare, not a round of the schedule
+    assert (rows(tmp_path / "run")[-1]["rounds_accepted"], rows(tmp_path / "run")[-1]["rounds_rolled_back"]) == ("1", "0")
 
 
 def test_report_gathers_runs(cli_in_process, tmp_path):

@@ -1,4 +1,5 @@
-"""SCAP: interaction field, spectra, fidelity, autoencoder, threshold direction, determinism, chunking."""
+"""SCAP: interaction field, spectra, fidelity, autoencoder, the normalised importance and its threshold,
+coupled groups, determinism, chunking."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,11 @@ import torch
 from torch import nn
 
 from compress import CompressError
+from compress import models
 from compress.methods.base import Context
+from compress.methods.structured import L1Options, L1Pruning
+from compress.prune import engine
+from compress.prune.rates import RateSpec
 from tests.contexts import cpu_context
 from compress.methods import scap
 from compress.methods.scap import SCAP, SCAPOptions
@@ -184,7 +189,104 @@ def test_odd_channel_out_gets_the_lowest_fidelity():
     fidelity = method.fidelities(model, ctx, {"0": conv})["0"]
     assert int(fidelity.argmin()) == 5
     scores = method.channel_scores(model, ctx, {"0": conv})["0"]
-    assert int(scores.argmax()) == 5  # keep score: higher = keep
+    assert int(scores.argmax()) == 5 and scores[5] == 1.0  # importance: higher = keep, the layer's best is 1
+
+
+# -- the importance scale -------------------------------------------------------------------------------------
+def test_minmax_maps_a_layer_onto_zero_to_one():
+    values = torch.tensor([0.93, 0.81, 0.95, 0.88, 0.90])
+    n = scap.minmax(values)
+    assert n.min() == 0.0 and n.max() == 1.0 and ((n >= 0) & (n <= 1)).all()
+    assert int(n.argmin()) == 1 and int(n.argmax()) == 2
+    assert torch.allclose(n, (values - 0.81) / (0.95 - 0.81))
+    assert torch.equal(n.argsort(), values.argsort())  # order kept
+
+
+def test_fidelity_term_inverts_fidelity_within_the_layer():
+    """High fidelity = compressible: the layer's highest fidelity gets 0, its lowest 1, whatever the scale."""
+    for low, high in ((0.80, 0.95), (0.1, 0.3), (-0.5, 1.0)):
+        fid = torch.tensor([high, low, (low + high) / 2])
+        assert torch.allclose(scap.fidelity_term(fid), torch.tensor([0.0, 1.0, 0.5]), atol=1e-6)
+
+
+def test_fusion_at_l1_weight_zero_one_and_half():
+    fid = torch.tensor([0.90, 0.80, 0.85, 0.95])  # fidelity term: [1/3, 1, 2/3, 0]
+    l1 = torch.tensor([4.0, 0.0, 1.0, 2.0])  # L1 term: [1, 0, 1/4, 1/2]
+    fid_term = torch.tensor([1 / 3, 1.0, 2 / 3, 0.0])
+    l1_term = torch.tensor([1.0, 0.0, 0.25, 0.5])
+    assert torch.allclose(scap.importance(fid, l1, 0.0), fid_term)
+    assert torch.allclose(scap.importance(fid, l1, 1.0), l1_term)
+    assert torch.allclose(scap.importance(fid, l1, 0.5), torch.tensor([2 / 3, 0.5, 11 / 24, 0.25]))
+    # a convex weight keeps the fused importance in [0, 1] for any weight
+    for w in torch.linspace(0, 1, 11).tolist():
+        fused = scap.importance(fid, l1, w)
+        assert ((fused >= 0) & (fused <= 1)).all()
+
+
+def test_raw_l1_norms_and_their_scale_do_not_matter():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    l1 = scap.filter_l1(conv.weight)
+    assert torch.allclose(l1, conv.weight.detach().abs().sum((1, 2, 3)))
+    assert torch.allclose(scap.minmax(l1), scap.minmax(1000 * l1))
+
+
+def test_degenerate_layer_keeps_every_channel():
+    """All fidelities equal (or equal up to float rounding): nothing tells the channels apart, so the
+    term is 1 for every channel (keep all) and nothing divides by zero."""
+    for values in (torch.full((5,), 0.9), torch.zeros(5), torch.tensor([0.9, 0.9 + 1e-8, 0.9 - 1e-8, 0.9, 0.9])):
+        assert torch.equal(scap.fidelity_term(values), torch.ones(5))
+        assert torch.equal(scap.minmax(values), torch.ones(5))
+    assert torch.equal(scap.importance(torch.full((4,), 0.7), torch.full((4,), 3.0), 0.5), torch.ones(4))
+    # one channel only: degenerate too
+    assert torch.equal(scap.minmax(torch.tensor([0.42])), torch.ones(1))
+    # with the L1 term alive, only the L1 term ranks
+    fused = scap.importance(torch.full((3,), 0.7), torch.tensor([1.0, 3.0, 2.0]), 0.5)
+    assert torch.allclose(fused, torch.tensor([0.5, 1.0, 0.75]))
+
+
+def test_non_finite_values_are_the_least_important():
+    n = scap.minmax(torch.tensor([0.2, float("nan"), 0.6, float("-inf"), 0.4]))
+    assert torch.allclose(n, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.5]))
+    assert torch.equal(scap.minmax(torch.full((3,), float("nan"))), torch.zeros(3))
+
+
+def test_silent_channels_are_those_next_to_nothing_of_their_layer():
+    power = torch.tensor([0.0, 1.0, 1e-14, 4.0, 1e-6])  # RMS 0, 1, 1e-7, 2, 1e-3 (loudest: 2)
+    assert scap.silent_channels(power).tolist() == [True, False, True, False, False]
+    assert scap.silent_channels(torch.zeros(3)).all()
+
+
+def test_dead_channel_gets_no_fidelity_the_lowest_importance_and_leaves_the_range_to_the_live_ones():
+    """A ReLU-dead channel (relu(BN(conv)) = 0 on every image) has nothing to reconstruct; unmarked, its
+    field (the input alone) is the hardest for the autoencoder, so it was kept first and set the top of
+    its layer's range, squeezing every live channel towards 0 (1-5 such channels per ResNet-56 layer)."""
+    model, ctx = tiny_model(), make_ctx()
+    with torch.no_grad():
+        model[1].bias[2] = -100.0  # BN output < 0 everywhere: channel 2 of conv 0 is dead after the ReLU
+    method = SCAP(SCAPOptions(threshold=0.6, **FAST))
+    fid = method.fidelities(model, ctx, convs(model))
+    assert torch.isnan(fid["0"][2]) and torch.isfinite(fid["0"][torch.arange(8) != 2]).all()
+    assert torch.isfinite(fid["3"]).all()
+    scores = method.channel_scores(model, ctx, convs(model))["0"]
+    live = scores[torch.arange(8) != 2]
+    assert scores[2] == 0.0 and live.min() == 0.0 and live.max() == 1.0
+    original = copy.deepcopy(model[0])
+    pruned = method.compress(model, ctx)
+    assert 2 not in _surviving_filters(original, pruned[0])
+    assert pruned[0].out_channels == int((scores >= 0.6).sum())
+
+
+def test_higher_threshold_never_keeps_more_channels():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        fid, l1 = 0.8 + 0.15 * torch.rand(16, generator=g), torch.rand(16, generator=g)
+        for w in (0.0, 0.3, 1.0):
+            imp = scap.importance(fid, l1, w)
+            kept = [int((imp >= t).sum()) for t in torch.linspace(0, 1, 21).tolist()]
+            assert kept[0] == 16  # threshold 0 keeps all
+            if w in (0.0, 1.0):  # one term alone: its best channel is 1 (a fused maximum may be
+                assert kept[-1] >= 1  # below 1: the engine then still keeps one channel)
+            assert all(a >= b for a, b in zip(kept, kept[1:]))
 
 
 # -- the method with the pruning engine ---------------------------------------------------------------------
@@ -194,34 +296,161 @@ def _surviving_filters(before: nn.Conv2d, after: nn.Conv2d) -> list[int]:
             if any(torch.equal(before.weight[i], w) for w in after.weight)]
 
 
-def test_threshold_direction_prunes_high_fidelity(monkeypatch):
+def _fixed_fidelities(monkeypatch, fid: dict[str, torch.Tensor]) -> None:
+    monkeypatch.setattr(scap.SCAP, "fidelities", lambda self, m, c, layers: {n: fid[n] for n in layers})
+
+
+def test_threshold_keeps_low_fidelity_and_prunes_high(monkeypatch):
     model = tiny_model()
     original = copy.deepcopy(model[0])
-    fid = {"0": torch.tensor([0.9, 0.1, 0.7, 0.3, 0.61, 0.59, 0.95, 0.2]), "3": torch.full((6,), 0.1)}
-    monkeypatch.setattr(scap.SCAP, "fidelities", lambda self, m, c, layers: {n: fid[n] for n in layers})
+    # importance = (0.95 - f) / 0.85: [0.06, 1, 0.29, 0.76, 0.40, 0.42, 0, 0.88]
+    _fixed_fidelities(monkeypatch, {"0": torch.tensor([0.9, 0.1, 0.7, 0.3, 0.61, 0.59, 0.95, 0.2]),
+                                    "3": torch.full((6,), 0.1)})  # degenerate layer: every channel kept
     pruned = SCAP(SCAPOptions(threshold=0.6)).compress(model, make_ctx())
-    assert _surviving_filters(original, pruned[0]) == [1, 3, 5, 7]  # fidelity <= 0.6 stays
+    assert _surviving_filters(original, pruned[0]) == [1, 3, 7]  # importance >= 0.6 stays
     assert pruned[3].out_channels == 6
 
 
-def test_l1_fusion_protects_heavy_filters(monkeypatch):
+def test_threshold_scale_ends_and_nested_survivors(monkeypatch):
+    """Threshold 0 keeps every channel, 1 only each layer's best; in between a higher threshold keeps a
+    subset of what a lower one keeps."""
+    g = torch.Generator().manual_seed(1)
+    fid = {"0": 0.85 + 0.1 * torch.rand(8, generator=g), "3": 0.85 + 0.1 * torch.rand(6, generator=g)}
+    _fixed_fidelities(monkeypatch, fid)
+    survivors = []
+    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        model = tiny_model()
+        original = copy.deepcopy(model[0])
+        pruned = SCAP(SCAPOptions(threshold=t)).compress(model, make_ctx())
+        survivors.append((set(_surviving_filters(original, pruned[0])), pruned[3].out_channels))
+        assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    assert survivors[0] == (set(range(8)), 6)
+    assert survivors[-1] == ({int(fid["0"].argmin())}, 1)
+    for (a, na), (b, nb) in zip(survivors, survivors[1:]):
+        assert b <= a and nb <= na
+
+
+def test_l1_weight_one_is_l1_pruning_and_fusion_protects_heavy_filters(monkeypatch):
     model = tiny_model()
     with torch.no_grad():
         model[0].weight.mul_(0.01)
         model[0].weight[0].mul_(100.0)  # filter 0 dominates the layer's L1 norms
+    # filter 0 also has the highest fidelity: the fidelity term alone would prune it first
+    fid = {"0": torch.tensor([0.95, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.55]), "3": torch.full((6,), 0.1)}
+    _fixed_fidelities(monkeypatch, fid)
     original = copy.deepcopy(model[0])
-    fid = {"0": torch.full((8,), 0.7), "3": torch.full((6,), 0.1)}
-    monkeypatch.setattr(scap.SCAP, "fidelities", lambda self, m, c, layers: {n: fid[n] for n in layers})
-    pruned = SCAP(SCAPOptions(threshold=0.6, l1_weight=0.5)).compress(model, make_ctx())
-    # 0.7 - 0.5 * 1.0 = 0.2 <= 0.6 keeps filter 0; the light ones (l1n ~ 0.01) are pruned
-    assert _surviving_filters(original, pruned[0]) == [0]
+    alone = SCAP(SCAPOptions(threshold=0.6, l1_weight=0.0)).compress(copy.deepcopy(model), make_ctx())
+    assert 0 not in _surviving_filters(original, alone[0])
+    fused = SCAP(SCAPOptions(threshold=0.6, l1_weight=0.9)).compress(copy.deepcopy(model), make_ctx())
+    # filter 0: 0.1 * 0 + 0.9 * 1 = 0.9 stays; the light ones: <= 0.1 * 1 + 0.9 * ~0.02 go
+    assert _surviving_filters(original, fused[0]) == [0]
+    # l1_weight 1: exactly L1 pruning's choice (and no fidelity pass is needed)
+    monkeypatch.setattr(scap.SCAP, "fidelities", lambda *a: pytest.fail("fidelities computed at l1_weight 1"))
+    by_rate = SCAP(SCAPOptions(threshold=None, compress_rate=0.5, l1_weight=1.0)).compress(copy.deepcopy(model), make_ctx())
+    l1 = L1Pruning(L1Options(compress_rate=0.5)).compress(copy.deepcopy(model), make_ctx())
+    assert _surviving_filters(original, by_rate[0]) == _surviving_filters(original, l1[0])
+    assert torch.equal(by_rate[3].weight, l1[3].weight)
 
 
-def test_layer_never_emptied_and_model_still_runs():
+def test_threshold_one_keeps_one_channel_per_layer_and_model_still_runs():
     model = tiny_model()
-    pruned = SCAP(SCAPOptions(threshold=-5.0, **FAST)).compress(model, make_ctx())  # every channel is above -5
+    pruned = SCAP(SCAPOptions(threshold=1.0, **FAST)).compress(model, make_ctx())  # only each layer's best is 1
     assert pruned[0].out_channels == 1 and pruned[3].out_channels == 1
     assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+# Enough autoencoder training that the raw fidelities come out high (0.93-0.95), as on a trained ResNet-56.
+HIGH_FIDELITY = dict(FAST, ae_hidden=8, ae_ratio=0.5, ae_epochs=20, ae_samples=1024, batches=2, batch_size=8)
+
+
+def test_paper_threshold_does_not_collapse_layers_whose_raw_fidelities_are_all_high():
+    """Issue 13: raw fidelities all above 0.6 made `threshold: 0.6` prune every layer down to one channel.
+    On the normalised scale the same 0.6 keeps the channels in the top 40 % of each layer's range."""
+    model, ctx = tiny_model(), make_ctx(images=16)
+    method = SCAP(SCAPOptions(threshold=0.6, **HIGH_FIDELITY))
+    raw = method.fidelities(model, ctx, convs(model))
+    assert all(float(f.min()) > 0.9 for f in raw.values())  # the old rule (prune fidelity > 0.6) pruned all
+    scores = method.channel_scores(model, ctx, convs(model))
+    expected = {name: int((s >= 0.6).sum()) for name, s in scores.items()}
+    assert all(1 < n < convs(model)[name].out_channels for name, n in expected.items())
+    pruned = method.compress(model, ctx)
+    assert (pruned[0].out_channels, pruned[3].out_channels) == (expected["0"], expected["3"])
+    assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+# -- coupled channel groups (residual additions) ------------------------------------------------------------
+def _resnet20():
+    torch.manual_seed(0)
+    return models.build("resnet20", 10).eval()
+
+
+def _random_fidelities(monkeypatch, spread: dict[str, float] | None = None) -> None:
+    """A fixed pseudo-random fidelity per channel, 0.8-0.95, seeded by the layer's name; `spread` scales
+    a layer's deviations (one layer can be made nearly flat)."""
+    spread = spread or {}
+
+    def fake(self, model, ctx, layers):
+        out = {}
+        for name, conv in layers.items():
+            g = scap.layer_generator(0, name)
+            out[name] = 0.875 + spread.get(name, 1.0) * 0.075 * (2 * torch.rand(conv.out_channels, generator=g) - 1)
+        return out
+
+    monkeypatch.setattr(scap.SCAP, "fidelities", fake)
+
+
+def test_every_group_spans_zero_to_one_and_single_conv_groups_equal_their_layer(monkeypatch):
+    _random_fidelities(monkeypatch)
+    model, ctx = _resnet20(), make_ctx(size=8)
+    plan = engine.PruningPlan.build(model, (3, 8, 8), RateSpec.parse(1.0))
+    coupled = [g for g, members in plan.members.items() if len(members) > 1]
+    assert coupled, "ResNet-20 has residual streams"
+    for w in (0.0, 0.5, 1.0):
+        method = SCAP(SCAPOptions(l1_weight=w))
+        groups = method._group_scores(model, ctx, plan, plan.target_keep())
+        layer = method.channel_scores(model, ctx, plan.convs)
+        assert set(groups) == set(plan.members)
+        for g, score in groups.items():
+            assert ((score >= 0) & (score <= 1)).all()
+            if w in (0.0, 1.0):  # one term alone spans [0, 1] in every group, coupled or not
+                assert score.min() == 0 and score.max() == 1, g
+            if len(plan.members[g]) == 1:
+                assert torch.allclose(score, layer[g], atol=1e-6), g
+
+
+def test_coupled_group_is_the_renormalised_mean_of_its_layers_terms(monkeypatch):
+    _random_fidelities(monkeypatch)
+    model, ctx = _resnet20(), make_ctx(size=8)
+    plan = engine.PruningPlan.build(model, (3, 8, 8), RateSpec.parse(1.0))
+    group, members = next((g, m) for g, m in plan.members.items() if len(m) > 1)
+    method = SCAP(SCAPOptions(l1_weight=0.25))
+    fid = method.fidelities(model, ctx, {n: plan.convs[n] for n in members})
+    mean_fid = torch.stack([scap.fidelity_term(fid[n]) for n in members]).mean(0)
+    mean_l1 = torch.stack([scap.minmax(scap.filter_l1(plan.convs[n].weight)) for n in members]).mean(0)
+    expected = 0.75 * scap.minmax(mean_fid) + 0.25 * scap.minmax(mean_l1)
+    got = method._group_scores(model, ctx, plan, plan.target_keep())[group]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_coupled_group_is_judged_on_its_own_range_not_squeezed_by_the_average(monkeypatch):
+    """ResNet-20's first residual stream (the stem conv and three block outputs, 16 channels): when its
+    convs rank the channels in opposite orders, their average is flat -- no evidence against any channel
+    -- so the group keeps all 16 (the plain average, 0.5 everywhere, would fall below 0.6 and leave one).
+    When they agree, the group keeps what each of them would keep alone."""
+    model, ctx = _resnet20(), make_ctx(size=8)
+    plan = engine.PruningPlan.build(copy.deepcopy(model), (3, 8, 8), RateSpec.parse(1.0))
+    members = plan.members["conv1"]
+    assert len(members) == 4
+    rising = torch.linspace(0.80, 0.95, 16)
+    for agree, expected in ((False, 16), (True, int((scap.fidelity_term(rising) >= 0.6).sum()))):
+        fid = {name: rising if agree or i % 2 else rising.flip(0) for i, name in enumerate(members)}
+        monkeypatch.setattr(scap.SCAP, "fidelities",
+                            lambda self, m, c, layers: {n: fid.get(n, torch.linspace(0.80, 0.95, layers[n].out_channels))
+                                                             for n in layers})
+        pruned = SCAP(SCAPOptions(threshold=0.6)).compress(copy.deepcopy(model), ctx)
+        assert pruned.conv1.out_channels == expected
+        assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    assert 1 < expected < 16
 
 
 def test_rate_mode_without_threshold():
@@ -238,6 +467,8 @@ def test_relu_output_scores_are_finite():
 
 @pytest.mark.parametrize("key, value", [
     ("spectrum", "phase"), ("balance", "yes"), ("ae_hidden", 0), ("threshold", "high"), ("threshold", float("nan")),
+    ("threshold", -0.1), ("threshold", 1.5), ("threshold", True), ("l1_weight", -0.5), ("l1_weight", 1.01),
+    ("l1_weight", None),
     ("chunk_size", 0), ("ae_lr", -1.0), ("resize", "cubic"), ("ae_epochs", True), ("ae_center", "yes"),
     ("ae_samples", scap.MAX_AE_SAMPLES + 1), ("ae_ratio", 1.5), ("l1_weight", float("inf")), ("compress_rate", "[0.5]*99999999999"),
 ])
@@ -248,8 +479,10 @@ def test_bad_options_fail_with_one_line_naming_the_key(key, value):
 
 def test_options_keep_scaps_own_defaults():
     opts = SCAPOptions()
-    assert (opts.name, opts.threshold, opts.compress_rate, opts.step_rate) == ("scap", 0.6, 1.0, 0.1)
-    assert SCAP(opts).threshold == pytest.approx(0.4)  # the engine's keep-score scale: 1 - fidelity threshold
+    assert (opts.name, opts.threshold, opts.compress_rate, opts.step_rate, opts.l1_weight) == ("scap", 0.6, 1.0, 0.1, 0.0)
+    assert SCAP(opts).threshold == 0.6  # the importance scale is the engine's: keep scores >= threshold
+    for t in (0.0, 1.0, None):
+        assert SCAP(SCAPOptions(threshold=t)).threshold == t
     assert SCAP().options == opts and SCAP.one_shot and SCAP.iterative and SCAP.changes_model
 
 

@@ -81,3 +81,4 @@ class Data:
     val: Split
     test: Split
     source: str  # where it came from, for the log
+    val_from: str = "train"  # the validation images: held out of train, or a half of the test set

@@ -40,6 +40,29 @@ def _split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> 
     return train.sort().values, val.sort().values
 
 
+def _halve(test_idx: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """val_from=test: a fixed random half of the test indices for validation, the rest for test (sorted).
+    An odd count gives test the extra image."""
+    perm = torch.randperm(len(test_idx), generator=torch.Generator().manual_seed(seed + 2))
+    half = len(test_idx) // 2
+    return test_idx[perm[:half]].sort().values, test_idx[perm[half:]].sort().values
+
+
+def split_indices(n_train: int, n_test: int, cfg: DatasetConfig) -> dict[str, torch.Tensor]:
+    """Indices of the train / val / test splits: val held out of the training set (val_from=train) or a
+    fixed half of the (size-limited) test set (val_from=test). Rows into the training or the test tensors."""
+    seed = cfg.split_seed
+    test_idx = _limit(n_test, cfg.test_size, seed)
+    if cfg.val_from == "test":
+        if len(test_idx) < 2:
+            raise CompressError(f"dataset.test_size: val_from=test halves the test set, which has {len(test_idx)} image(s)")
+        val_idx, test_idx = _halve(test_idx, seed)
+        train_idx = _limit(n_train, cfg.train_size, seed)
+        return {"train": train_idx, "val": val_idx, "test": test_idx}
+    train_idx, val_idx = _split_indices(n_train, cfg.val_size, cfg.train_size, seed)
+    return {"train": train_idx, "val": val_idx, "test": test_idx}
+
+
 def _limit(n: int, size: int | None, seed: int) -> torch.Tensor:
     """A fixed random subset (the folders are sorted by class, so a prefix would be one class)."""
     if size is None or size >= n:
@@ -55,7 +78,7 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
     if name == "synthetic":
         # Generated in memory: bounded so that no setting can ask for more than a few hundred MB.
         size, classes = cfg.image_size, cfg.num_classes
-        n_train = (sizes["train_size"] or 256) + sizes["val_size"]
+        n_train = (sizes["train_size"] or 256) + (sizes["val_size"] if cfg.val_from == "train" else 0)
         n_test = sizes["test_size"] or 128
         if (n_train + n_test) * 3 * size * size > SYNTHETIC_MAX_BYTES:
             counts = {"train_size": sizes["train_size"] or 0, "val_size": sizes["val_size"], "test_size": n_test}
@@ -75,25 +98,23 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
                 "(an ImageFolder tree or torchvision's cifar-10-batches-py), or dataset.download=true when online")
         tensors, source = load_cifar10(root, cfg.download, cache_dir / "data")
     elif name == "imagenet":
-        return _load_imagenet(cfg, mean, std, search, sizes, channels_last)
+        return _load_imagenet(cfg, mean, std, search, channels_last)
     else:
         raise CompressError(f"dataset.name: unknown data set '{name}' (known: cifar10, imagenet, synthetic)")
 
-    seed = cfg.split_seed
-    train_idx, val_idx = _split_indices(len(tensors["train_y"]), sizes["val_size"], sizes["train_size"], seed)
-    test_idx = _limit(len(tensors["test_y"]), sizes["test_size"], seed)
+    idx = split_indices(len(tensors["train_y"]), len(tensors["test_y"]), cfg)
+    val_x, val_y = (tensors["test_x"], tensors["test_y"]) if cfg.val_from == "test" else (tensors["train_x"], tensors["train_y"])
 
     def split(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> TensorSplit:
         return TensorSplit(x[idx].to(device), y[idx].to(device), mean_t, std_t, channels_last)
 
     c, h, w = tensors["train_x"].shape[1:]
     return Data(name=name, num_classes=cfg.num_classes, image_shape=(int(c), int(h), int(w)),
-                train=split(tensors["train_x"], tensors["train_y"], train_idx),
-                val=split(tensors["train_x"], tensors["train_y"], val_idx),
-                test=split(tensors["test_x"], tensors["test_y"], test_idx), source=source)
+                train=split(tensors["train_x"], tensors["train_y"], idx["train"]), val=split(val_x, val_y, idx["val"]),
+                test=split(tensors["test_x"], tensors["test_y"], idx["test"]), source=source, val_from=cfg.val_from)
 
 
-def _load_imagenet(cfg, mean, std, search, sizes, channels_last) -> Data:
+def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
     from compress.data.imagenet import FolderSplit, imagenet_splits
 
     root, tried = _find_root("imagenet", cfg.root, search)
@@ -103,9 +124,9 @@ def _load_imagenet(cfg, mean, std, search, sizes, channels_last) -> Data:
                             "(an ImageFolder tree with train/ and val/)")
     size = cfg.image_size
     train_ds, val_ds, train_tf, eval_tf = imagenet_splits(root, mean, std, size)
-    seed = cfg.split_seed
-    train_idx, val_idx = _split_indices(len(train_ds), sizes["val_size"], sizes["train_size"], seed)
-    test_idx = _limit(len(val_ds), sizes["test_size"], seed)
-    mk = lambda ds, idx: FolderSplit(ds, idx, train_tf, eval_tf, channels_last)  # noqa: E731
+    idx = split_indices(len(train_ds), len(val_ds), cfg)
+    mk = lambda ds, i: FolderSplit(ds, i, train_tf, eval_tf, channels_last)  # noqa: E731
+    # ImageNet's own val/ folder plays the test set; val_from=test halves it.
     return Data(name="imagenet", num_classes=cfg.num_classes, image_shape=(3, size, size),
-                train=mk(train_ds, train_idx), val=mk(train_ds, val_idx), test=mk(val_ds, test_idx), source=str(root))
+                train=mk(train_ds, idx["train"]), val=mk(val_ds if cfg.val_from == "test" else train_ds, idx["val"]),
+                test=mk(val_ds, idx["test"]), source=str(root), val_from=cfg.val_from)

@@ -111,8 +111,8 @@ class AUP(Method):
     iterative = True
     requires_rounds = True
     changes_model = False  # nothing happens before round 1: the `compressed` row is the baseline's
-    # No recipe: schedule=fgfp_cifar fine-tunes 10 epochs after `prepare` to recover from the FGF
-    # conversion, which AUP alone does not do; any schedule with rounds > 0 runs it.
+    # No recipe: the fgfp schedules are built around FGF conversions, which AUP alone does not do; any
+    # schedule with rounds > 0 runs it.
     recipe = None
 
     def __init__(self, options: AUPOptions | None = None):

@@ -115,6 +115,14 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def rolled_back(self, state: dict) -> bool:
+        """The round just stepped fell under the threshold: the pipeline has restored the model and hands back
+        `state`, this method's state_dict() from before the step. Return whether the next step should be
+        smaller (the pipeline then applies schedule.on_rollback's shrink); False when a smaller step means
+        nothing for what was rolled back."""
+        self.load_state_dict(state)
+        return True
+
     # -- persistence ------------------------------------------------------------------------------------
     def meta(self, model: nn.Module) -> dict:
         """Plain data (str/int/float/list/dict) that `restore` needs to rebuild the compressed structure."""

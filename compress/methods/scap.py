@@ -9,9 +9,17 @@ of that layer. The fidelity of channel j is the cosine similarity between a spec
 reconstruction, averaged over the input channels and the calibration images. High fidelity = the channel's
 interaction with its input lies on the low-dimensional manifold the autoencoder captured = compressible.
 
-The structured-pruning engine keeps high scores, so the keep score is `1 - fidelity + l1_weight * l1n`
-(l1n: the filter's L1 norm divided by the largest in its layer); a channel is pruned by threshold when
-`1 - keep_score = fidelity - l1_weight * l1n > threshold`. See docs/scap.md for every choice.
+Importance (higher = keep) is built on one [0, 1] scale in every layer, whatever the raw fidelities:
+`importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)`, minmax taken over the
+channels of a layer (the layer's most compressible channel 0, its least compressible 1; l1: filter L1
+norms). Convs tied by residual additions share one channel group: their two terms are averaged over the
+group's convs and min-maxed again over the group before fusing (`SCAP._group_scores`), so every group
+spans [0, 1] too. Channels whose importance is >= `threshold` are kept: 0 keeps all, larger prunes
+more, 1 keeps only each group's best. A layer whose values are all equal gives every channel 1 (keep).
+A silent channel (maps next to zero on every calibration image, e.g. ReLU-dead) gets no fidelity (NaN):
+its fidelity term is 0 and it stays out of its layer's range. In rounds, every round renormalises the
+remaining channels, so a threshold prunes again each round: bound the total with `compress_rate`.
+See docs/scap.md for every choice.
 
 Memory: nothing is stored per image. Pass 1 over the calibration batches draws a random subset of
 spectra per layer (the autoencoder's training set); pass 2 scores every spectrum inside the forward
@@ -291,15 +299,76 @@ def fidelity_sums(
     return torch.cat(sums)
 
 
-def layer_l1(weight: torch.Tensor) -> torch.Tensor:
-    """Filter L1 norms of a conv weight (C, ...) divided by the layer's largest: (C,) in [0, 1]."""
-    l1 = weight.detach().abs().flatten(1).sum(1).float()
-    return l1 / l1.max().clamp_min(_EPS)
+def filter_l1(weight: torch.Tensor) -> torch.Tensor:
+    """Filter L1 norms of a conv weight (C, ...): (C,)."""
+    return weight.detach().abs().flatten(1).sum(1).float().cpu()
 
 
-def keep_scores(fidelity: torch.Tensor, l1n: torch.Tensor, l1_weight: float) -> torch.Tensor:
-    """Higher = keep: `1 - fidelity + l1_weight * l1n` (fidelity says compressible, filter mass says useful)."""
-    return 1 - fidelity + l1_weight * l1n
+# Values of a layer whose spread is at most this fraction of their magnitude count as all equal: float
+# rounding (about 1e-7 relative in float32) must not be stretched into a ranking.
+DEGENERATE = 1e-6
+
+
+def minmax(values: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise (C,) to [0, 1]: the smallest value -> 0, the largest -> 1.
+
+    Degenerate (every finite value equal, up to `DEGENERATE` of their magnitude): all 1 -- no value
+    tells the channels apart, so none is marked for pruning. Non-finite values (NaN, +-inf) -> 0, the
+    least important (the engine ranks NaN lowest too), and they do not count towards the range.
+    """
+    values = values.detach().float()
+    finite = torch.isfinite(values)
+    out = torch.zeros_like(values)
+    if not bool(finite.any()):
+        return out
+    kept = values[finite]
+    low, high = kept.min(), kept.max()
+    span = high - low
+    if float(span) <= DEGENERATE * float(torch.maximum(high.abs(), low.abs())):  # includes span 0
+        out[finite] = 1.0
+        return out
+    out[finite] = ((kept - low) / span).clamp_(0.0, 1.0)
+    return out
+
+
+def fidelity_term(fidelity: torch.Tensor) -> torch.Tensor:
+    """`minmax(1 - fidelity)` within a layer (computed as minmax(-fidelity), which is the same); a silent
+    channel's NaN fidelity -> 0."""
+    return minmax(-fidelity)
+
+
+def fuse(fidelity_part: torch.Tensor, l1_part: torch.Tensor, l1_weight: float) -> torch.Tensor:
+    """Convex fusion of two [0, 1] terms: `(1 - l1_weight) * fidelity_part + l1_weight * l1_part`.
+    A weight of exactly 0 or 1 uses one term alone."""
+    if l1_weight == 0:
+        return fidelity_part.clone()
+    if l1_weight == 1:
+        return l1_part.clone()
+    return (1 - l1_weight) * fidelity_part + l1_weight * l1_part
+
+
+def importance(fidelity: torch.Tensor, l1: torch.Tensor, l1_weight: float) -> torch.Tensor:
+    """One layer's channel importance in [0, 1], higher = keep:
+    `(1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)` (l1: raw filter L1 norms)."""
+    return fuse(fidelity_term(fidelity), minmax(l1), l1_weight)
+
+
+# A channel whose maps' RMS over the calibration images is at most this fraction of its layer's loudest is
+# silent (a ReLU-dead channel is exactly 0).
+SILENT = 1e-6
+
+
+def silent_channels(mean_power: torch.Tensor) -> torch.Tensor:
+    """(C,) mean squared activation per channel -> bool (C,): channels that carry (next to) nothing.
+
+    `balance: channel` would blow such a channel's maps up to unit RMS (or leave them zero), and its field
+    is then the input alone, unlike every live channel's: the autoencoder reconstructs it worst, and SCAP
+    would keep it first and stretch its layer's importance range around it. It passes nothing on (a
+    ReLU-dead channel read by the next conv only: its removal changes no output), so it gets no fidelity
+    (NaN) and the lowest importance instead.
+    """
+    rms = mean_power.clamp_min(0).sqrt()
+    return rms <= SILENT * rms.max()
 
 
 # -- two passes over the calibration data ---------------------------------------------------------------------
@@ -325,7 +394,8 @@ def layer_fidelities(
     chunk_size: int | None,
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """Fidelity (C,) of every output channel of every layer in `layers`, averaged over the calibration images.
+    """Fidelity (C,) of every output channel of every layer in `layers`, averaged over the calibration images;
+    NaN for a silent channel (see `silent_channels`): it has nothing to reconstruct and is the least important.
 
     `batches()` must yield the same images each time it is called (pass 1 draws the autoencoders' training
     spectra, pass 2 scores every spectrum).
@@ -367,16 +437,20 @@ def layer_fidelities(
         del spectra
 
     sums: dict[str, torch.Tensor] = {}
+    power: dict[str, torch.Tensor] = {}
     counts = {name: 0 for name in layers}
 
     def score(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         fx, fy = layer_planes(x, y, spectrum)
         total = fidelity_sums(fx, fy, autoencoders[name], spectrum, chunk_size).cpu()
         sums[name] = sums[name] + total if name in sums else total
+        energy = y.detach().float().pow(2).mean((2, 3)).sum(0).cpu()  # per channel, summed over images
+        power[name] = power[name] + energy if name in power else energy
         counts[name] += x.shape[0]
 
     run_hooked(model, layers, batches(), score, spectrum.output, key="method.output")
-    return {name: sums[name] / counts[name] for name in layers}
+    return {name: (sums[name] / counts[name]).masked_fill(silent_channels(power[name] / counts[name]), float("nan"))
+            for name in layers}
 
 
 # -- the method ------------------------------------------------------------------------------------------------
@@ -389,15 +463,18 @@ QUICK_AE_SAMPLES = 256
 
 @dataclass
 class SCAPOptions(StructuredOptions):
-    """`method=scap`. Its own defaults of the structured options: a fidelity `threshold` of 0.6 (the paper's),
-    with `compress_rate` 1.0 as the cap (no cap: a layer still keeps one channel)."""
+    """`method=scap`. Its own defaults of the structured options: an importance `threshold` of 0.6 (the
+    paper's number, on the normalised [0, 1] importance scale), with `compress_rate` 1.0 as the cap (no cap:
+    a layer still keeps one channel)."""
 
     name: str = "scap"
     # with a threshold: the most a group may lose (1.0: no cap, one channel always stays); without: the rate spec
     compress_rate: Any = 1.0
-    # prune a channel when fidelity - l1_weight * l1n > threshold (the paper: 0.6); null: rate spec only
+    # in [0, 1]: keep the channels whose normalised importance is >= threshold (0: keep all; 1: each group's
+    # best only; the paper: 0.6); null: rate spec only
     threshold: Optional[float] = 0.6
-    l1_weight: float = 0.0  # additive fusion with the filter L1 norm / the layer's largest (higher protects heavy filters)
+    # in [0, 1]: importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(filter L1 norm)
+    l1_weight: float = 0.0
     spectrum: str = "log"  # log: log(1+|F|) | magnitude: |F| | power: |F|^2 ; each spectrum then scaled to unit L2 norm
     output: str = "relu"  # relu: Y = relu(BN(conv output)) | conv: the conv's raw output
     # per image, scale to unit RMS: channel (X as a whole, each Y_j alone) | layer (Y as a whole) | none
@@ -417,7 +494,10 @@ class SCAPOptions(StructuredOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(is_number(self.l1_weight), "method.l1_weight", "a finite number", self.l1_weight)
+        require(self.threshold is None or 0 <= self.threshold <= 1, "method.threshold", "a number in [0, 1] or null",
+                self.threshold)
+        require(is_number(self.l1_weight) and 0 <= self.l1_weight <= 1, "method.l1_weight", "a number in [0, 1]",
+                self.l1_weight)
         for key, choices in (("spectrum", SPECTRA), ("output", OUTPUTS), ("balance", BALANCES),
                              ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
             self.check(getattr(self, key) in choices, key, f"one of {', '.join(choices)}")
@@ -437,10 +517,11 @@ class SCAPOptions(StructuredOptions):
 class SCAP(StructuredPruning):
     """SCAP: prune the output channels whose spectral interaction field an autoencoder reconstructs well.
 
-    `threshold` is on the fidelity scale: a channel is pruned when `fidelity - l1_weight * l1n` exceeds it
-    (the engine gets `1 - threshold` on the keep-score scale `1 - fidelity + l1_weight * l1n`). With a
-    threshold, `compress_rate` caps the fraction removed per channel group (1.0: no cap, the engine still
-    keeps one channel); with `threshold: null` the rate spec alone sets how many channels go.
+    Importance, per channel group on [0, 1] (see the module docstring): `(1 - l1_weight) * minmax(1 -
+    fidelity) + l1_weight * minmax(l1)`. With `threshold`, the channels whose importance is >= it stay
+    (the engine's own keep rule, so `threshold` is passed on unchanged) and `compress_rate` caps the
+    fraction removed per group (1.0: no cap, the engine still keeps one channel); with `threshold: null`
+    the rate spec alone sets how many channels go, lowest importance first.
     """
 
     name = "scap"
@@ -449,15 +530,12 @@ class SCAP(StructuredPruning):
     def __init__(self, options: SCAPOptions | None = None):
         super().__init__(options)
         opts = self.options
+        self.l1_weight = float(opts.l1_weight)
         self.spectrum_opts = SpectrumOptions(spectrum=opts.spectrum, resize=opts.resize, balance=opts.balance,
                                              output=opts.output)
         self.ae_opts = AutoencoderOptions(hidden=opts.ae_hidden, ratio=float(opts.ae_ratio), epochs=opts.ae_epochs,
                                           lr=float(opts.ae_lr), batch_size=opts.ae_batch_size, samples=opts.ae_samples,
                                           loss=opts.ae_loss, center=opts.ae_center)
-
-    def keep_threshold(self, threshold: float | None) -> float | None:
-        """Fidelity above `threshold` prunes; the engine prunes keep scores (1 - fidelity + ...) below 1 - threshold."""
-        return None if threshold is None else 1.0 - float(threshold)
 
     def autoencoder_budget(self, quick: bool) -> AutoencoderOptions:
         """The autoencoders' training options; for a smoke run (`ctx.quick`) one epoch over a few spectra."""
@@ -480,7 +558,30 @@ class SCAP(StructuredPruning):
             ctx.seed,
         )
 
+    def layer_terms(self, model, ctx, layers) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per layer, the two normalised terms of the importance: minmax(1 - fidelity), minmax(filter L1).
+        The fidelity pass runs only when its weight is not 0 (l1_weight 1 is plain L1 on this scale)."""
+        if self.l1_weight < 1:
+            fidelity = {name: fidelity_term(f) for name, f in self.fidelities(model, ctx, layers).items()}
+        else:
+            fidelity = {name: torch.zeros(conv.out_channels) for name, conv in layers.items()}
+        l1 = {name: minmax(filter_l1(conv.weight)) for name, conv in layers.items()}
+        return fidelity, l1
+
     def channel_scores(self, model, ctx, layers):
-        fidelity = self.fidelities(model, ctx, layers)
-        l1_weight = float(self.options.l1_weight)
-        return {name: keep_scores(fidelity[name], layer_l1(conv.weight).cpu(), l1_weight) for name, conv in layers.items()}
+        """Per layer importance (C,) in [0, 1], higher = keep."""
+        fidelity, l1 = self.layer_terms(model, ctx, layers)
+        return {name: fuse(fidelity[name], l1[name], self.l1_weight) for name in layers}
+
+    def _group_scores(self, model, ctx, plan, targets: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Importance per channel group on [0, 1]: each term averaged over the group's convs (the engine's
+        `group_scores`), min-maxed again over the group, then fused. A one-conv group gets exactly its
+        layer's `channel_scores`; a coupled group (residual additions) spans [0, 1] as well, so the one
+        `threshold` means the same in both."""
+        groups = [g for g, keep in targets.items() if keep < plan.channels[g]]
+        layers = {name: plan.convs[name] for g in groups for name in plan.members[g]}
+        if not layers:
+            return {}
+        fidelity, l1 = self.layer_terms(model, ctx, layers)
+        fidelity_g, l1_g = plan.group_scores(fidelity, groups), plan.group_scores(l1, groups)
+        return {g: fuse(minmax(fidelity_g[g]), minmax(l1_g[g]), self.l1_weight) for g in groups}
