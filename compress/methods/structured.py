@@ -51,6 +51,9 @@ from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
 from compress.prune.rates import RateSpec, paper_rate
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
 def parse_compress_rate(value: Any) -> RateSpec | None:
     """The parsed rate spec; None for "paper", which names a list per architecture (resolved when the model
     arrives). Parsing here makes a bad rate fail before any heavy work."""
@@ -80,6 +83,16 @@ class StructuredOptions(MethodOptions):
     threshold: Optional[float] = None
     # iterative schedule: fraction of a group's remaining channels removed per round (x step_scale)
     step_rate: float = 0.1
+    # Budget targets, instead of a rate spec: the fraction of the baseline's MACs / parameters to KEEP, in
+    # (0, 1) (target_macs=0.47: ~2.1x fewer MACs); at most one of the two. The pruned model lands within 1 %
+    # of the target, as measured; with schedule.rounds > 0 the target is approached in rounds.
+    target_macs: Optional[float] = None
+    target_params: Optional[float] = None
+    # How channels are taken across layers: uniform (one rate for every prunable group) | global (channels
+    # ranked across all groups on layer-normalised scores, as Torch-Pruning's global pruning)
+    allocation: str = "uniform"
+    # global allocation: the fraction of its channels every group keeps at least
+    min_keep: float = 0.1
 
     def __post_init__(self) -> None:
         # Not a field: the parsed form of `compress_rate` (None = "paper"), for the method.
@@ -88,6 +101,15 @@ class StructuredOptions(MethodOptions):
                 self.threshold)
         require(is_number(self.step_rate) and 0 < self.step_rate <= 1, "method.step_rate", "a number in (0, 1]",
                 self.step_rate)
+        for key in ("target_macs", "target_params"):
+            value = getattr(self, key)
+            require(value is None or (is_number(value) and 0 < value < 1), f"method.{key}",
+                    "null or the fraction of the baseline to keep, in (0, 1)", value)
+        require(self.target_macs is None or self.target_params is None, "method.target_params",
+                "null when method.target_macs is set (one target at a time)", self.target_params)
+        require_choice(self.allocation, "method.allocation", ALLOCATIONS)
+        require(is_number(self.min_keep) and 0 < self.min_keep <= 1, "method.min_keep", "a number in (0, 1]",
+                self.min_keep)
 
 
 class StructuredPruning(Method):
