@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.config import ATTACKS
 from compress.train import autocast
 
 log = logging.getLogger("compress")
 
-ATTACKS = ("fgsm", "pgd")
 COLUMN_PREFIX = "robust_top1_"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import signal
 import sys
@@ -71,12 +72,13 @@ def _smoke_to_debug(argv: list[str]) -> list[str]:
     return out
 
 
-GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug")
+GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug", "hparams_search")
+OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")
 
 
 def _check_optional_groups(overrides: list[str]) -> None:
-    """`experiment` and `debug` are optional groups: Hydra would silently run the default job for a
-    misspelt option. Inside an initialised Hydra context."""
+    """`experiment`, `debug` and `hparams_search` are optional groups: Hydra would silently run the default
+    job for a misspelt option. Inside an initialised Hydra context."""
     import difflib
 
     from hydra.core.global_hydra import GlobalHydra
@@ -85,7 +87,7 @@ def _check_optional_groups(overrides: list[str]) -> None:
     for line in overrides:
         key, _, value = line.partition("=")
         key = key.lstrip("+~")
-        if key in ("experiment", "debug") and value and value != "null":
+        if key in OPTIONAL_GROUPS and value and value != "null":
             options = loader.get_group_options(key)
             if value not in options:
                 close = difflib.get_close_matches(value, options, n=3, cutoff=0.6)
@@ -117,6 +119,8 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
             continue
         if o.is_sweep_override() and not multirun:
             _fail(f"{o.key_or_group}: a sweep value ({o.input_line.split('=', 1)[-1]}) needs `compress run -m`")
+        if o.key_or_group == "hparams_search" and not multirun and o.value() not in (None, "null"):
+            _fail(f"hparams_search: a search is a multirun (a run per trial): use `compress run -m hparams_search={o.value()} ...`")
         if o.key_or_group in GROUPS and not o.is_sweep_override() and (
                 not isinstance(o.value(), str) or "${" in o.value()):
             _fail(f"{o.key_or_group}: must name one of its presets, got {o.input_line.split('=', 1)[-1]!r}")
@@ -139,6 +143,61 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
         to_config(cfg)  # ranges and choices: fail before Hydra makes a run directory
     except CompressError as e:
         _fail(str(e))
+    if any(o.key_or_group == "hparams_search" and o.value() not in (None, "null") for o in parsed):
+        _precheck_search(plain, [o.input_line for o in parsed if o.key_or_group.startswith("hydra")
+                                 and not o.is_sweep_override()])
+
+
+def _search_values(line: str) -> list[str]:
+    """The values of a searched parameter (`key=interval(a, b)`, a choice or range sweep, or one value) to
+    check before the search starts: an interval's two ends, a sweep's first few values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    o = OverridesParser.create().parse_override(line)
+    value = o.value()
+    if isinstance(value, IntervalSweep):
+        ends = [value.start, value.end]
+        return [str(int(v)) if "int" in value.tags else repr(float(v)) for v in ends]
+    if o.is_sweep_override():
+        return list(itertools.islice(o.sweep_string_iterator(), 5))
+    return [o.get_value_element_as_str()]
+
+
+def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
+    """`hparams_search=<name>` (configs/hparams_search/, compress/search.py): the objective's settings and
+    the searched parameters' ends, checked before the first trial starts."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from compress.config import to_config
+    from compress.search import KEY, SearchObjective
+
+    try:
+        with initialize_config_module(config_module="compress.configs", version_base="1.3"):
+            full = compose(config_name="config", overrides=plain + hydra_overrides, return_hydra_config=True)
+            settings = OmegaConf.select(full, KEY)
+            if settings is not None and settings.get("_target_") == "compress.search.SearchObjective":
+                options = {k: v for k, v in OmegaConf.to_container(settings, resolve=True).items() if k != "_target_"}
+                try:
+                    SearchObjective(**options)
+                except TypeError as e:
+                    _fail(f"{KEY}: {e} (its keys: max_drop, metric, accuracy, penalty)")
+            params = OmegaConf.to_container(full.hydra.sweeper.get("params") or {}, resolve=True)
+            for key, spec in params.items():
+                for value in _search_values(f"{key}={spec}"):
+                    try:
+                        to_config(compose(config_name="config", overrides=[*plain, f"{key}={value}"]))
+                    except CompressError as e:
+                        _fail(f"hydra.sweeper.params: {key}={spec} takes {value}: {e}")
+                    except Exception as e:
+                        _fail(f"hydra.sweeper.params: {key}={spec}: {_hydra_message(e)}")
+    except CompressError as e:
+        _fail(str(e))
+    except SystemExit:
+        raise
+    except Exception as e:
+        _fail(_hydra_message(e))
 
 
 def _is_out_of_memory(e: BaseException) -> bool:

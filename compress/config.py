@@ -104,6 +104,7 @@ class ArchConfig:
 
 
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
+ATTACKS = ("fgsm", "pgd")  # measure.attacks (compress/attacks.py)
 
 
 @dataclass
@@ -196,8 +197,6 @@ class MeasureConfig:
     attack_images: Optional[int] = None     # attack the first N test images; null: all (costly on a CPU)
 
     def __post_init__(self) -> None:
-        from compress.attacks import ATTACKS, column
-
         _int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
         _int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
         for attack in self.attacks:
@@ -209,8 +208,8 @@ class MeasureConfig:
                 f"{len(self.epsilons)} of them")
         for eps in self.epsilons:
             _number_in("measure.epsilons", eps, 0, 1)
-        names = [column("fgsm", eps) for eps in self.epsilons]
-        twice = [eps for i, eps in enumerate(self.epsilons) if names[i] in names[:i]]
+        # equal values give equal column names (compress.attacks.column writes the float's repr)
+        twice = [eps for i, eps in enumerate(self.epsilons) if float(eps) + 0.0 in [float(e) + 0.0 for e in self.epsilons[:i]]]
         if twice:
             _fail("measure.epsilons", f"lists {twice[0]!r} twice")
         if self.attacks and not self.epsilons:

@@ -86,6 +86,11 @@ class Run:
                 model = self._stage("round_0", lambda: self._fit(model, recovery, "round_0"), status="accepted",
                                     model=model)
             model = self._rounds(model)
+        elif self.method.parts():
+            for index, part in enumerate(self.method.parts()):  # a row and a resume point per part
+                model = self._stage(f"step_{index + 1}_{part}", lambda index=index, model=model: self.method.compress_part(
+                    index, model, self.ctx).to(self.device), model=model)
+            model = self._stage("compressed", lambda: model, measure_it=False, model=model)
         else:
             model = self._stage("compressed", lambda: self.method.compress(model, self.ctx).to(self.device),
                                 measure_it=self.method.changes_model, model=model)

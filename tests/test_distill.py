@@ -177,6 +177,7 @@ def kill_after_first_epoch(args: list[str], run_dir: Path) -> None:
     assert proc.returncode == 130, err[-2000:]
 
 
+@pytest.mark.slow  # three runs and a kill, ~40 s: make test-full
 def test_a_distilling_run_resumes_to_the_same_rows_and_refuses_a_changed_teacher(tmp_path, quick_args):
     """Resume reloads the teacher from arch.checkpoint, checks it is the one the run started from, and ends
     with the rows of an uninterrupted run."""

@@ -42,6 +42,9 @@ FAST: dict[str, dict] = {
     "scap": dict(compress_rate=0.5, threshold=None, batches=1, batch_size=4, ae_epochs=1, ae_samples=64),
     "aup": dict(pr=0.5),
     "fgfp": dict(layers=2, fit_steps=2, pr=0.5),
+    "quant": dict(calibration_batches=2, calibration_batch_size=4),
+    "chain": dict(steps=[{"name": "l1", "compress_rate": 0.5}, {"name": "approxconv", "harmonics": 2},
+                         {"name": "quant", "calibration_batches": 1, "calibration_batch_size": 4}]),
 }
 # Further option sets worth their own round trip (other layer types: fake quantisation).
 VARIANTS: dict[str, dict] = {
@@ -125,7 +128,8 @@ def through_bytes(obj):
 
 # -- building ---------------------------------------------------------------------------------------------
 def test_the_registry_holds_every_method_of_the_readme():
-    assert set(METHODS) == {"none", "l1", "random", "hrank", "cfdp", "scap", "approxconv", "aup", "fgfp"}
+    assert set(METHODS) == {"none", "l1", "random", "hrank", "cfdp", "scap", "approxconv", "aup", "fgfp", "quant",
+                            "chain", "torch_pruning"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -184,3 +184,55 @@ def packed_state_bytes(state: dict[str, torch.Tensor], bits: int, quantised: Ite
         else:
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _generated_by(module: nn.Module):
+    """The parametrizations generating `module.weight` (empty when it is a plain parameter)."""
+    return list(module.parametrizations.weight) if parametrize.is_parametrized(module, "weight") else []
+
+
+def quantised_widths(model: nn.Module) -> dict[str, int]:
+    """state_dict key -> bit width of every weight tensor the model fake-quantises (a FakeQuantWeight, or a
+    kernel generator with its own `quant_bits`, e.g. a series kernel's coefficients)."""
+    widths = {}
+    for name, module in model.named_modules():
+        for p in _generated_by(module):
+            bits = getattr(p, "quant_bits", None) if not isinstance(p, FakeQuantWeight) else p.bits
+            if bits is not None:
+                widths[f"{name}.parametrizations.weight.original".lstrip(".")] = bits
+    return widths
+
+
+def quantise_layers(model: nn.Module, layers: Iterable[str], bits: int, momentum: float) -> None:
+    """Fake-quantise the named layers' inputs and weights. A generated weight is quantised where it is
+    stored: a generator with a `quant_bits` attribute (a series kernel) quantises its own coefficients."""
+    modules = dict(model.named_modules())
+    for name in layers:
+        module = modules[name]
+        generators = [p for p in _generated_by(module) if hasattr(p, "quant_bits")]
+        for g in generators:
+            g.quant_bits = bits
+            if hasattr(g, "train"):
+                g.train(g.training)  # drops a cached kernel computed without quantisation
+        fake_quantise(module, bits, momentum, weight=not generators)
+
+
+def quantised_storage_bytes(model: nn.Module) -> int | None:
+    """Bytes to store a fake-quantised model: its quantised tensors packed at their bit width + one fp32
+    scale per output channel; every other tensor (biases, BatchNorm, activation ranges) at its dtype's size;
+    num_batches_tracked and the observers' flags not counted. None when nothing is quantised."""
+    widths = quantised_widths(model)
+    if not widths:
+        return None
+    state = model.state_dict()
+    rest = {k: v for k, v in state.items()
+            if k not in widths and not k.endswith(("num_batches_tracked", "input_quant.observed"))}
+    total = packed_state_bytes(rest, 32, [])
+    for key, bits in widths.items():
+        total += packed_state_bytes({key: state[key]}, bits, [key])
+    return total
+
+
+def quantised_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose input is fake-quantised (what `quantise_layers` was given)."""
+    return [n for n, m in model.named_modules() if isinstance(getattr(m, INPUT_QUANT, None), ActivationFakeQuant)]

@@ -7,13 +7,18 @@ from compress.methods.approxconv import ApproxConv
 from compress.methods.aup import AUP
 from compress.methods.base import Context, Method, MethodOptions
 from compress.methods.cfdp import CFDP
+from compress.methods.chain import Chain, use_catalogue
 from compress.methods.fgfp import FGFP
+from compress.methods.quant import Quantise
 from compress.methods.scap import SCAP
 from compress.methods.structured import HRankPruning, L1Pruning, RandomPruning
+from compress.methods.torch_pruning import TorchPruning
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Method, L1Pruning, RandomPruning, HRankPruning, CFDP, SCAP, ApproxConv, AUP, FGFP)
+    cls.name: cls for cls in (Method, L1Pruning, RandomPruning, HRankPruning, CFDP, SCAP, ApproxConv, AUP, FGFP,
+                              Quantise, Chain, TorchPruning)
 }
+use_catalogue(METHODS)  # the methods a chain's steps may name
 
 
 def names() -> list[str]:

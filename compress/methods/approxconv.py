@@ -17,17 +17,17 @@ import fnmatch
 import re
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from compress import CompressError
 from compress.checks import is_count, is_number
 from compress.layers import bake_parametrized
-from compress.layers.quant import ActivationFakeQuant, calibrate_input_ranges, fake_quantise, packed_state_bytes
-from compress.layers.series import SERIES, SeriesKernel, approximate_conv, fit_adam, initial_coefficients, series_kernel_of
+from compress.layers.quant import (ActivationFakeQuant, calibrate_input_ranges, quantise_layers,
+                                   quantised_storage_bytes)
+from compress.layers.series import SERIES, approximate_conv, fit_adam, initial_coefficients, series_kernel_of
 from compress.methods.base import Context, Method, MethodOptions
 
 FITS = ("lstsq", "adam")
@@ -265,7 +265,7 @@ class ApproxConv(Method):
             ctx.log.info("approxconv: %s %s N=%d fit MSE %.3g", name, o.series, order, mse)
         if o.quant_bits is not None:
             layers = sorted(orders) if o.quant_scope == "approx" else _layer_names(model, (nn.Conv2d, nn.Linear))
-            quantise_layers(model, layers, o.quant_bits, float(o.quant_momentum), set(orders))
+            quantise_layers(model, layers, o.quant_bits, float(o.quant_momentum))
             if o.calibration_batches > 0 and ctx.calibration is not None:
                 used = calibrate_input_ranges(model, ctx.calibration_batches(o.calibration_batches,
                                                                              o.calibration_batch_size))
@@ -298,8 +298,7 @@ class ApproxConv(Method):
                 raise CompressError(f"model.pt: layer '{name}' of the saved ApproxConv model is not in this model")
             approximate_conv(modules[name], spec["series"], int(spec["order"]), bits)
         if bits is not None:
-            quantise_layers(model, meta.get("quantised", []), bits, meta.get("quant_momentum", 0.1),
-                            set(meta.get("layers", {})))
+            quantise_layers(model, meta.get("quantised", []), bits, meta.get("quant_momentum", 0.1))
         return model
 
     # -- measurement ---------------------------------------------------------------------------------
@@ -309,33 +308,6 @@ class ApproxConv(Method):
         BatchNorm affine and running statistics and activation ranges at fp32; num_batches_tracked and the
         basis (a function of series, K, N) not counted. None for an unquantised model (the baseline row,
         or quant_bits null): the pipeline's serialised size, coefficients in fp32."""
-        widths = quantised_widths(model)
-        if not widths:
-            return None
-        state = model.state_dict()
-        rest = {k: v for k, v in state.items()
-                if k not in widths and not k.endswith(("num_batches_tracked", "input_quant.observed"))}
-        total = packed_state_bytes(rest, 32, [])  # every tensor that is not quantised: its own dtype size
-        for key, bits in widths.items():
-            total += packed_state_bytes({key: state[key]}, bits, [key])
-        return total
+        return quantised_storage_bytes(model)
 
 
-def quantised_widths(model: nn.Module) -> dict[str, int]:
-    """state_dict key -> bit width of every weight tensor the model fake-quantises."""
-    widths = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                bits = p.quant_bits if isinstance(p, SeriesKernel) else getattr(p, "bits", None)
-                if bits is not None:
-                    widths[f"{name}.parametrizations.weight.original".lstrip(".")] = bits
-    return widths
-
-
-def quantise_layers(model: nn.Module, layers: Iterable[str], bits: int, momentum: float, approximated: set[str]) -> None:
-    """Fake-quantise the named layers' inputs, and the weights of those that are not approximated (a
-    SeriesKernel quantises its own coefficients)."""
-    modules = dict(model.named_modules())
-    for name in layers:
-        fake_quantise(modules[name], bits, momentum, weight=name not in approximated)

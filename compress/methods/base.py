@@ -14,6 +14,8 @@ Capabilities:
     requires_rounds  only meaningful in rounds (AUP): the pipeline refuses rounds = 0 with a one-line hint
     changes_model  `compress` / `prepare` change the model (False: the `compressed` row repeats the
                    baseline's numbers instead of measuring again)
+    parts()        a one-shot method made of several (method=chain) lists them: a row and a resume
+                   point each (`compress_part`)
 
 Methods that change the model's structure implement `meta` and `restore` so that `model.pt` reloads into
 the compressed form. Reparameterised layers (generated kernels, masks, fake quantisation) live in
@@ -94,6 +96,16 @@ class Method:
     def compress(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Compress once; may modify `model` in place and return it, or return a new module."""
         return model
+
+    # -- parts: a one-shot method made of several (method=chain) ------------------------------------------
+    def parts(self) -> list[str]:
+        """Labels of the parts `compress` is made of, when each should get its own row and resume point (the
+        pipeline then calls `compress_part(i, ...)` for each in turn instead of `compress`). [] = one step."""
+        return []
+
+    def compress_part(self, index: int, model: nn.Module, ctx: Context) -> nn.Module:
+        """Part `index` of `compress` (see `parts`); the method's state_dict records which parts are done."""
+        raise CompressError(f"method '{self.name}' is not made of parts")
 
     # -- iterative schedule -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:

@@ -29,6 +29,12 @@ method's name; range checks in `__post_init__`), subclass `StructuredPruning`, l
             batches = ctx.calibration_batches(self.options.batches, self.options.batch_size)
             return feature_scores(model, layers, batches, my_score_fn, self.options.feature)   # compress.prune.features
 
+Budget targets (`target_macs` / `target_params`, compress/prune/allocation.py): instead of a rate, the
+channels to remove are searched so that the measured MACs / parameters land within 1 % of a fraction of
+the baseline's, with one rate for every group (`allocation=uniform`) or channels ranked across groups on
+group-normalised scores (`allocation=global`); see docs/structured-pruning.md. A criterion needs nothing
+more for that.
+
 Scores: one float per output channel of every layer in `layers`, higher = keep. When several convolutions
 share one channel group (e.g. all block outputs of a ResNet stage, tied by the residual additions), their
 scores are averaged over the group's convolutions, so scores of one layer should be on a comparable scale
@@ -43,15 +49,21 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from compress import CompressError
 from compress.checks import is_count, is_number, require, require_choice
+from compress.measure import count_macs, count_params
 from compress.methods.base import Context, Method, MethodOptions
-from compress.prune import engine
+from compress.prune import allocation, engine
 from compress.prune.features import FEATURES, feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
 from compress.prune.rates import RateSpec, paper_rate
 
 
 ALLOCATIONS = ("uniform", "global")
+TARGETS = {"target_macs": "macs", "target_params": "params"}  # option -> cost metric
+# One-shot passes towards a target: the cost model is exact for conv/linear/BN networks, so one pass lands;
+# a further pass corrects (from the measured cost) whatever an unusual layer type makes it miss.
+TARGET_PASSES = 3
 
 
 def parse_compress_rate(value: Any) -> RateSpec | None:
@@ -68,11 +80,17 @@ class StructuredOptions(MethodOptions):
         patterns -> float (`{"layer3.*.conv1": 0.5}`; first matching pattern wins, unmatched groups are not
         pruned); the HRank/CFDP per-architecture list notation as a string (`"[0.]+[0.18]*29"`), mapped to
         layers as in HRank's code; or "paper". Kept channels: int(C * (1 - rate)), never fewer than 1.
+        With a target (below): the most each group may lose (rate 0: not pruned; "paper": every group, no cap).
     threshold: if not None, prune every channel whose (group-averaged) score is below this number; the rate
         of each group is then the most it may lose (rate 0: untouched, 1.0: no cap; a layer keeps at least
-        one channel). For criteria whose scores are comparable across layers.
+        one channel). For criteria whose scores are comparable across layers. Not with a target.
     step_rate: iterative schedule only: each round removes `step_rate * step_scale` of each group's
-        remaining channels (at least one), never going past the target given by the rate spec.
+        remaining channels (at least one), never going past the target given by the rate spec; with a
+        target, each round lowers the cost by `step_rate * step_scale` of the way from the baseline to it.
+    target_macs / target_params: keep this fraction of the baseline's MACs / parameters (measured as
+        compress.measure does), within 1 % of the target (`allocation.TOLERANCE`); see docs/structured-pruning.md.
+    allocation: with a target, how channels are taken across groups: uniform | global.
+    min_keep: with a target, the fraction of its original channels every group keeps at least.
     """
 
     name: str = "structured"
@@ -107,6 +125,10 @@ class StructuredOptions(MethodOptions):
                     "null or the fraction of the baseline to keep, in (0, 1)", value)
         require(self.target_macs is None or self.target_params is None, "method.target_params",
                 "null when method.target_macs is set (one target at a time)", self.target_params)
+        targeted = self.target_macs is not None or self.target_params is not None
+        require(self.threshold is None or not targeted, "method.threshold",
+                "null when method.target_macs / method.target_params is set (a budget target decides how many "
+                "channels go)", self.threshold)
         require_choice(self.allocation, "method.allocation", ALLOCATIONS)
         require(is_number(self.min_keep) and 0 < self.min_keep <= 1, "method.min_keep", "a number in (0, 1]",
                 self.min_keep)
@@ -128,6 +150,18 @@ class StructuredPruning(Method):
         self.threshold = self.keep_threshold(self.options.threshold)
         self.step_rate = float(self.options.step_rate)
         self._original_channels: dict[str, int] = {}  # group name -> channels before any pruning
+        # Budget target: the option's name, the fraction of the baseline to keep, the cost it counts.
+        opts = self.options
+        self.target_key = next((key for key in TARGETS if getattr(opts, key) is not None), None)
+        self.target = None if self.target_key is None else float(getattr(opts, self.target_key))
+        self.metric = TARGETS.get(self.target_key)
+        if self.target is not None and self.rates is None:
+            self.rates = RateSpec(uniform=1.0, text="1.0")  # with a target, "paper" means: every group, no cap
+        # Checked here, not in the options: method=torch_pruning shares the options and ranks globally at a rate.
+        require(self.target is not None or opts.allocation == "uniform", "method.allocation",
+                "uniform unless method.target_macs or method.target_params is set (global ranks channels "
+                "against a budget)", opts.allocation)
+        self._baseline: dict[str, int] = {}  # "macs" / "params" of the model before any pruning (targets)
 
     def keep_threshold(self, threshold: float | None) -> float | None:
         """`threshold` on the engine's scale (prune below it, higher = keep); a criterion whose option is
@@ -143,6 +177,8 @@ class StructuredPruning(Method):
 
     # -- one-shot ---------------------------------------------------------------------------------------
     def compress(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if self.target is not None:
+            return self._compress_to_target(model, ctx)
         plan = self._plan(model, ctx)
         targets = plan.target_keep()
         group_scores = self._group_scores(model, ctx, plan, targets)
@@ -153,10 +189,16 @@ class StructuredPruning(Method):
 
     # -- iterative schedule -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        self._plan(model, ctx)
+        plan = self._plan(model, ctx)
+        if self.target is not None:  # record the baseline, and refuse an unreachable target before any round
+            baseline = self._baseline_cost(model, ctx)
+            cost = allocation.CostModel.build(plan, ctx.input_shape, self.metric, baseline)
+            self._check_reachable(cost, self._floors(plan), baseline)
         return model
 
     def step(self, model: nn.Module, ctx: Context, round_index: int, step_scale: float) -> nn.Module | None:
+        if self.target is not None:
+            return self._step_to_target(model, ctx, round_index, step_scale)
         plan = self._plan(model, ctx)
         final = plan.target_keep(self._original_channels)
         group_scores = self._group_scores(model, ctx, plan, final)
@@ -173,10 +215,120 @@ class StructuredPruning(Method):
         return model
 
     def state_dict(self) -> dict:
-        return {"original_channels": dict(self._original_channels)}
+        return {"original_channels": dict(self._original_channels), "baseline": dict(self._baseline)}
 
     def load_state_dict(self, state: dict) -> None:
         self._original_channels = dict(state.get("original_channels", {}))
+        self._baseline = {k: int(v) for k, v in (state.get("baseline") or {}).items()}
+
+    # -- budget targets (method.target_macs / method.target_params) --------------------------------------
+    def _compress_to_target(self, model: nn.Module, ctx: Context) -> nn.Module:
+        plan = self._plan(model, ctx)
+        recorded = self.metric in self._baseline
+        baseline = self._baseline_cost(model, ctx)
+        goal = self.target * baseline
+        current = self._cost(model, ctx) if recorded else baseline
+        for attempt in range(TARGET_PASSES):
+            if current <= goal * (1 + allocation.TOLERANCE):
+                break
+            if attempt:
+                plan = self._plan(model, ctx)
+            if not self._prune_towards(model, ctx, plan, goal, current, goal):
+                break
+            current = self._cost(model, ctx)
+        self._log_target(model, ctx, plan, current, goal, self.name)
+        return model
+
+    def _step_to_target(self, model: nn.Module, ctx: Context, round_index: int, step_scale: float) -> nn.Module | None:
+        """One round: lower the cost by `step_rate * step_scale` of the way from the baseline to the target
+        (all the way once what is left is within the tolerance); None once the target is met."""
+        plan = self._plan(model, ctx)
+        baseline = self._baseline_cost(model, ctx)
+        final = self.target * baseline
+        current = self._cost(model, ctx)
+        if current <= final * (1 + allocation.TOLERANCE):
+            return None
+        goal = max(final, current - self.step_rate * step_scale * (baseline - final))
+        if goal <= final * (1 + allocation.TOLERANCE):
+            goal = final
+        if not self._prune_towards(model, ctx, plan, goal, current, final, at_least_one=True):
+            return None
+        self._log_target(model, ctx, plan, self._cost(model, ctx), final, f"{self.name} round {round_index}",
+                         goal=goal)
+        return model
+
+    def _prune_towards(self, model: nn.Module, ctx: Context, plan: "engine.PruningPlan", goal: float,
+                       current: float, final: float, at_least_one: bool = False) -> bool:
+        """Remove the channels that bring the cost (now `current`, measured) to `goal`; `final` is the
+        run's target (never overshot by more than the aim). False when nothing was removed."""
+        cost = allocation.CostModel.build(plan, ctx.input_shape, self.metric, current)
+        floors = self._floors(plan)
+        self._check_reachable(cost, floors, self._baseline_cost(model, ctx))
+        scores = None
+        if self.options.allocation == "global":
+            scores = self._group_scores(model, ctx, plan, floors)
+            order = allocation.global_order(cost, scores, floors)
+        else:
+            order = allocation.uniform_order(cost, self._original_channels, floors)
+        removed = allocation.allocate(cost, order, goal)
+        if at_least_one and not removed.any():  # a round too small for one channel still takes one
+            removed = allocation.fill(cost, order, removed, final * (1 - allocation.AIM), current - 0.5, max_steps=1)
+        keep = {g: plan.channels[g] - int(r) for g, r in zip(cost.groups, removed.tolist()) if r > 0}
+        if not keep:
+            return False
+        if scores is None:  # uniform: only the groups that lose channels are scored
+            scores = self._group_scores(model, ctx, plan, keep)
+        engine.prune_groups(model, plan, scores, keep)
+        return True
+
+    def _floors(self, plan: "engine.PruningPlan") -> dict[str, int]:
+        """Groups that may still lose channels under a target -> the fewest channels each may keep."""
+        floors = {}
+        for group, rate in plan.rates.items():
+            current = plan.channels[group]
+            floor = allocation.floor_channels(self._original_channels.get(group, current), current, rate,
+                                              float(self.options.min_keep))
+            if floor < current:
+                floors[group] = floor
+        return floors
+
+    def _check_reachable(self, cost: "allocation.CostModel", floors: dict[str, int], baseline: int) -> None:
+        lowest = float(cost.cost(cost.widths_of(floors)))
+        if lowest > self.target * baseline * (1 + allocation.TOLERANCE):
+            capped = "" if self.options.compress_rate == "paper" else ", within method.compress_rate's caps"
+            raise CompressError(
+                f"method.{self.target_key}: {self.target:g} of the baseline's {self.metric} is out of reach: with every "
+                f"prunable group at its floor (method.min_keep={self.options.min_keep:g} of its channels, at least "
+                f"one{capped}) they are {lowest / baseline:.4f} of it"
+            )
+
+    def _baseline_cost(self, model: nn.Module, ctx: Context) -> int:
+        """The target's cost of the model before any pruning: recorded (state_dict) the first time."""
+        if self.metric not in self._baseline:
+            self._baseline = {"macs": count_macs(model, ctx.input_shape), "params": count_params(model)}
+        return self._baseline[self.metric]
+
+    def _cost(self, model: nn.Module, ctx: Context) -> int:
+        """The target's cost of the model now, by the project's counters (compress.measure)."""
+        return count_macs(model, ctx.input_shape) if self.metric == "macs" else count_params(model)
+
+    def _log_target(self, model: nn.Module, ctx: Context, plan: "engine.PruningPlan", achieved: float, final: float,
+                    label: str, goal: float | None = None) -> None:
+        baseline = self._baseline_cost(model, ctx)
+
+        def amount(value: float) -> str:
+            return f"{value / 1e6:.2f}M"
+
+        met = allocation.within(achieved, final)
+        round_goal = "" if goal is None else f"round goal {goal / baseline:.4f}, "
+        line = (f"{label}: {self.metric} {amount(achieved)} = {achieved / baseline:.4f} of the baseline's "
+                f"{amount(baseline)} ({round_goal}target {self.target:g} = {amount(final)}, "
+                f"{100 * (achieved / final - 1):+.2f} % vs the target; allocation {self.options.allocation}); "
+                f"{engine.describe(model, plan, self._original_channels)}")
+        if goal is None and not met:
+            ctx.log.warning("%s [outside the %g %% tolerance]", line, 100 * allocation.TOLERANCE)
+        else:
+            ctx.log.info("%s", line)
 
     # -- persistence ------------------------------------------------------------------------------------
     def meta(self, model: nn.Module) -> dict:

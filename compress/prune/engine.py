@@ -227,6 +227,15 @@ def _shape(state_dict: dict[str, torch.Tensor], key: str) -> tuple[int, ...] | N
     return tuple(state_dict[key].shape) if key in state_dict else None
 
 
+# Where a layer's weight may be stored when a later compression reparameterised it (method=chain): masks keep
+# it as `weight_orig`, a series kernel as (out, in, N, N) coefficients. Both keep the (out, in) dimensions.
+_WEIGHT_KEYS = ("weight", "weight_orig", "parametrizations.weight.original")
+
+
+def _weight_shape(state_dict: dict[str, torch.Tensor], prefix: str) -> tuple[int, ...] | None:
+    return next((shape for key in _WEIGHT_KEYS if (shape := _shape(state_dict, prefix + key)) is not None), None)
+
+
 def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Resize every Conv2d / BatchNorm / Linear of a freshly built `model` to the shapes in `state_dict`
     and install the ShortcutA routes of `meta`, so that `model.load_state_dict(state_dict)` fits."""
@@ -236,7 +245,7 @@ def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Conv2d):
-            shape = _shape(state_dict, prefix + "weight")
+            shape = _weight_shape(state_dict, prefix)
             groups = int(conv_groups.get(name, 1))
             if shape is not None and (shape[0], shape[1] * groups, groups) != (module.out_channels, module.in_channels, module.groups):
                 _set_module(model, name, _resized_conv(module, shape[1] * groups, shape[0], groups))
@@ -245,7 +254,7 @@ def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.
             if shape is not None and shape[0] != module.num_features:
                 _set_module(model, name, _resized_batchnorm(module, shape[0]))
         elif isinstance(module, nn.Linear):
-            shape = _shape(state_dict, prefix + "weight")
+            shape = _weight_shape(state_dict, prefix)
             if shape is not None and shape != (module.out_features, module.in_features):
                 new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
                 _set_module(model, name, new.to(module.weight.device, module.weight.dtype))
