@@ -5,6 +5,7 @@ the median of the repeats is reported per batch size, with the speed-up next to 
 their quotient (1.0 = the latency falls exactly as the MACs do; the target is >= 0.8).
 
     .venv/bin/python bench/pruned_latency.py                      # ResNet-56 at "[0.]+[0.18]*29"
+    .venv/bin/python bench/pruned_latency.py --target-macs 0.47 --allocation global   # ~2.1x fewer MACs
     .venv/bin/python bench/pruned_latency.py --arch vgg16_bn --rate "[0.21]*7+[0.75]*5" --threads 2
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet56")
     parser.add_argument("--rate", default="[0.]+[0.18]*29", help="method.compress_rate (l1 scores, random weights)")
+    parser.add_argument("--target-macs", type=float, default=None,
+                        help="method.target_macs instead of --rate (fraction of the MACs to keep, e.g. 0.47)")
+    parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"), help="with --target-macs")
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
@@ -43,12 +47,15 @@ def main() -> None:
     shape = (3, 32, 32)
     dense = build(args.arch, 10).eval()
     ctx = Context(device=torch.device("cpu"), arch=args.arch, num_classes=10, input_shape=shape)
-    pruned = L1Pruning(L1Options(compress_rate=args.rate)).compress(build(args.arch, 10).eval(), ctx).eval()
+    options = (L1Options(target_macs=args.target_macs, allocation=args.allocation) if args.target_macs
+               else L1Options(compress_rate=args.rate))
+    pruned = L1Pruning(options).compress(build(args.arch, 10).eval(), ctx).eval()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     dense, pruned = dense.to(memory_format=fmt), pruned.to(memory_format=fmt)
     macs = {"dense": count_macs(dense, shape), "pruned": count_macs(pruned, shape)}
     macs_ratio = macs["dense"] / macs["pruned"]
-    print(f"{args.arch} rate {args.rate}: params {count_params(dense) / 1e6:.3f}M -> {count_params(pruned) / 1e6:.3f}M, "
+    budget = f"target_macs {args.target_macs} ({args.allocation})" if args.target_macs else f"rate {args.rate}"
+    print(f"{args.arch} {budget}: params {count_params(dense) / 1e6:.3f}M -> {count_params(pruned) / 1e6:.3f}M, "
           f"MACs {macs['dense'] / 1e6:.2f}M -> {macs['pruned'] / 1e6:.2f}M (ratio {macs_ratio:.3f}); "
           f"threads {args.threads}, {'channels_last' if args.channels_last else 'contiguous'}, median of {args.repeats}")
     print(f"{'batch':>5} {'dense ms':>10} {'pruned ms':>10} {'speed-up':>9} {'MACs ratio':>10} {'speed-up/MACs':>13}")
