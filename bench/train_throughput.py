@@ -44,6 +44,21 @@ def bare_loop(model, images, labels, batch_size, lr):
         opt.step()
 
 
+def images_per_second(loops: dict, base, images: int, repeats: int) -> dict[str, float]:
+    """Run each loop (name -> fn(model, rep)) on a fresh copy of `base`, alternating their order every
+    repeat; the first pair warms up and is discarded. Median images/s per loop."""
+    names = list(loops)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats + 1):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            loops[name](model, rep)
+            if rep:
+                timings[name].append(time.perf_counter() - t0)
+    return {k: images / statistics.median(v) for k, v in timings.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet20")
@@ -70,19 +85,12 @@ def main() -> int:
     base = models.build(args.arch, 10).to(memory_format=torch.channels_last)
     if args.distill is not None:
         return compare_distillation(args, split, val, sched, base)
-    timings = {"pipeline": [], "bare": []}
-    for rep in range(args.repeats + 1):  # the first pair warms up and is discarded
-        for name in ("pipeline", "bare") if rep % 2 == 0 else ("bare", "pipeline"):
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            if name == "pipeline":
-                # fit() also evaluates one validation batch per epoch; that is part of its loop.
-                train.fit(model, split, val, sched, torch.device("cpu"), seed=rep)
-            else:
-                bare_loop(model, pre, labels, args.batch_size, 0.01)
-            if rep:
-                timings[name].append(time.perf_counter() - t0)
-    ips = {k: n / statistics.median(v) for k, v in timings.items()}
+    cpu = torch.device("cpu")
+    ips = images_per_second({
+        # fit() also evaluates one validation batch per epoch; that is part of its loop.
+        "pipeline": lambda model, rep: train.fit(model, split, val, sched, cpu, seed=rep),
+        "bare": lambda model, rep: bare_loop(model, pre, labels, args.batch_size, 0.01),
+    }, base, n, args.repeats)
     ratio = ips["pipeline"] / ips["bare"]
     print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches, {torch.get_num_threads()} threads, "
           f"malloc {'tuned' if tuned else 'as the C library sets it'}")
@@ -95,19 +103,11 @@ def main() -> int:
 def compare_distillation(args, split, val, sched, base) -> int:
     teacher = copy.deepcopy(base).eval()
     distilled = dataclasses.replace(sched, distill=args.distill)
-    timings = {"plain": [], "distilled": []}
-    n = len(split)
-    for rep in range(args.repeats + 1):  # the first pair warms up and is discarded
-        for name in ("plain", "distilled") if rep % 2 == 0 else ("distilled", "plain"):
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            if name == "plain":
-                train.fit(model, split, val, sched, torch.device("cpu"), seed=rep)
-            else:
-                train.fit(model, split, val, distilled, torch.device("cpu"), seed=rep, teacher=teacher)
-            if rep:
-                timings[name].append(time.perf_counter() - t0)
-    ips = {k: n / statistics.median(v) for k, v in timings.items()}
+    cpu = torch.device("cpu")
+    ips = images_per_second({
+        "plain": lambda model, rep: train.fit(model, split, val, sched, cpu, seed=rep),
+        "distilled": lambda model, rep: train.fit(model, split, val, distilled, cpu, seed=rep, teacher=teacher),
+    }, base, len(split), args.repeats)
     ratio = ips["distilled"] / ips["plain"]
     print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches, {torch.get_num_threads()} threads")
     print(f"without distillation: {ips['plain']:8.1f} images/s")
