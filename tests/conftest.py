@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,26 @@ def compress_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict |
     if check and proc.returncode != 0:
         raise AssertionError(f"compress {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def interrupt_after_first_epoch(args: list[str], run_dir: Path, timeout: float = 300) -> str:
+    """Start `compress run ARGS`, SIGTERM it (as a user's ^C or kill would) once a fine-tune has saved an
+    epoch into run_dir/state.pt; assert the clean interrupted exit (130) and return its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=True)
+        except Exception:  # not written yet (writes are atomic, so nothing else is expected)
+            state = {}
+        if state.get("train") and state["train"]["fit"]["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    return err
 
 
 MEMORY_LIMIT = 6 << 30  # bytes of address space for a `compress` process under test (RLIMIT_AS)

@@ -6,10 +6,6 @@ import csv
 import dataclasses
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,7 @@ from compress.config import ScheduleConfig, compose
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
 from compress.pipeline import Run
-from tests.conftest import REPO, compress_cli
+from tests.conftest import compress_cli, interrupt_after_first_epoch
 
 MEAN, STD = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.25, 0.25, 0.25])
 
@@ -159,24 +155,6 @@ def test_every_fine_tune_distils_from_the_model_as_loaded(tmp_path, quick_args, 
     assert "images/s, distilling)" in caplog.text
 
 
-def kill_after_first_epoch(args: list[str], run_dir: Path) -> None:
-    """Start `compress run`, SIGTERM it once the final fine-tune has saved an epoch (as a user's ^C would)."""
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=True)
-        except Exception:  # not written yet
-            state = {}
-        if state.get("train") and state["train"]["fit"]["epoch"] >= 1:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-
-
 @pytest.mark.slow  # three runs and a kill, ~40 s: make test-full
 def test_a_distilling_run_resumes_to_the_same_rows_and_refuses_a_changed_teacher(tmp_path, quick_args):
     """Resume reloads the teacher from arch.checkpoint, checks it is the one the run started from, and ends
@@ -188,7 +166,7 @@ def test_a_distilling_run_resumes_to_the_same_rows_and_refuses_a_changed_teacher
               "schedule.distill=0.5", "schedule.epochs=2", "dataset.train_size=384"]
     straight, killed, copy = tmp_path / "straight", tmp_path / "killed", tmp_path / "copy"
     compress_cli("run", *common, f"hydra.run.dir={straight}", check=True)
-    kill_after_first_epoch([*common, f"hydra.run.dir={killed}"], killed)
+    interrupt_after_first_epoch([*common, f"hydra.run.dir={killed}"], killed)
     shutil.copytree(killed, copy)
     compress_cli("run", *common, f"hydra.run.dir={killed}", "resume=true", check=True)
     assert "final: resuming after epoch" in (killed / "compress.log").read_text()

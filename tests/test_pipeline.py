@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import csv
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ from compress.config import compose
 from compress.methods import METHODS, Method
 from compress.pipeline import Run
 from compress.results import COLUMNS
-from tests.conftest import PRETRAINED, REPO, compress_cli, needs_shared
+from tests.conftest import PRETRAINED, compress_cli, interrupt_after_first_epoch, needs_shared
 
 
 # metrics.csv's columns as the README documents them: users' scripts read them by name and position, so
@@ -109,25 +105,10 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, quick_args):
 def test_killed_run_resumes_from_last_epoch_without_duplicate_rows(tmp_path, quick_args):
     run_dir = tmp_path / "run"
     args = [*quick_args, "schedule.epochs=4", "dataset.train_size=512", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = run_dir / "state.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                s = torch.load(state, map_location="cpu", weights_only=True)
-            except Exception:  # never expected (atomic writes), but do not fail the poll on it
-                s = {}
-            if s.get("train") and s["train"]["fit"]["epoch"] >= 1:
-                break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    err = interrupt_after_first_epoch(args, run_dir)
     assert "resume=true" in err
     assert [r["stage"] for r in rows(run_dir)] == ["baseline", "compressed"]
-    interrupted_at = torch.load(state, map_location="cpu", weights_only=True)["train"]["fit"]["epoch"]
+    interrupted_at = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=True)["train"]["fit"]["epoch"]
     assert 1 <= interrupted_at < 4
 
     compress_cli("run", *args, "resume=true", check=True)
