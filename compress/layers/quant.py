@@ -212,8 +212,7 @@ def quantise_layers(model: nn.Module, layers: Iterable[str], bits: int, momentum
         generators = [p for p in _generated_by(module) if hasattr(p, "quant_bits")]
         for g in generators:
             g.quant_bits = bits
-            if hasattr(g, "train"):
-                g.train(g.training)  # drops a cached kernel computed without quantisation
+            g.train(g.training)  # drops a cached kernel computed without quantisation
         fake_quantise(module, bits, momentum, weight=not generators)
 
 
