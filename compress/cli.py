@@ -15,7 +15,8 @@ USAGE = """usage: compress run [-m] [key=value ...]     compress a model (Hydra 
        compress report DIR [DIR ...] [-o FILE]  gather metrics.csv files below DIRs into one table
        compress report DIR [DIR ...] --summary [-o FILE.csv|.md]  one line per run
        compress compare DIR [DIR ...] [-o FILE.csv|.md] [--published FILE]  our runs beside the papers' rows
-       compress plot DIR [DIR ...] [-o FILE.png] [--published FILE]  top-1 vs params and MACs, Pareto front"""
+       compress plot DIR [DIR ...] [-o FILE.png] [--published FILE]  top-1 vs params and MACs, Pareto front
+       compress export RUN_DIR|model.pt [--format onnx|torchscript] [-o FILE]  a deployable file, checked"""
 
 
 MAX_MESSAGE = 300  # characters: a hostile value must not turn the one line into a page
@@ -95,6 +96,22 @@ def _check_optional_groups(overrides: list[str]) -> None:
                                                       f" ({len(options)} options: compress run --help lists them)"))
 
 
+PARALLEL_LAUNCHERS = ("parallel", "joblib")  # hydra/launcher options that run several runs at once on this machine
+
+
+def _check_parallel_threads(parsed, cfg) -> None:
+    """A parallel local sweep must say how many threads each run takes: PyTorch would otherwise give every
+    run one thread per core, and oversubscribed cores made a step up to 8x slower on the 2-core CI machine."""
+    launcher = next((o.value() for o in parsed if o.key_or_group == "hydra/launcher"), None)
+    if launcher in PARALLEL_LAUNCHERS and cfg.get("threads") is None:
+        import os
+
+        jobs = next((o.value() for o in parsed if o.key_or_group == "hydra.launcher.n_jobs"), None) or 2
+        share = max(1, (os.cpu_count() or 1) // int(jobs)) if str(jobs).lstrip("-").isdigit() and int(jobs) > 0 else 1
+        _fail(f"threads: hydra/launcher={launcher} runs several runs at once; give each its share of the cores "
+              f"(threads={share} for {jobs} jobs on {os.cpu_count()} cores)")
+
+
 def _precheck(overrides: list[str], multirun: bool) -> None:
     """Compose the config once before Hydra runs, so that an unknown key or option fails with one line.
     Sweep values (a,b / glob() / range()) are left to Hydra's multirun."""
@@ -143,6 +160,7 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
         to_config(cfg)  # ranges and choices: fail before Hydra makes a run directory
     except CompressError as e:
         _fail(str(e))
+    _check_parallel_threads(parsed, cfg)
     if any(o.key_or_group == "hparams_search" and o.value() not in (None, "null") for o in parsed):
         _precheck_search(plain, [o.input_line for o in parsed if o.key_or_group.startswith("hydra")
                                  and not o.is_sweep_override()])
@@ -372,6 +390,30 @@ def plot_runs(argv: list[str]) -> None:
     print(f"{finished} finished runs of {len(table)}, {rows} architecture(s) -> {args.output}")
 
 
+def export_model(argv: list[str]) -> None:
+    """`compress export PATH`: the run's model as an ONNX or TorchScript file, checked against PyTorch."""
+    from compress import export
+
+    p = _parser("compress export", "Write a run's compressed model as a deployable file and check its outputs.")
+    p.add_argument("path", type=Path, help="a run dir (its model.pt) or a model.pt file")
+    p.add_argument("--format", default="onnx", choices=export.FORMATS, help="onnx (default) or torchscript")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: model.onnx / model.torchscript.pt beside model.pt)")
+    p.add_argument("--images", type=int, default=64, help="images the check runs on (default 64)")
+    p.add_argument("--tolerance", type=float, default=export.TOLERANCE, help="largest max-abs logit difference (default 1e-4)")
+    args = p.parse_args(argv)
+    if not 1 <= args.images <= 10_000:
+        _fail(f"--images: {args.images} is not in [1, 10000]")
+    if not 0 <= args.tolerance < float("inf"):
+        _fail(f"--tolerance: {args.tolerance} is not a number >= 0")
+    saved = export.load_saved(args.path)
+    folder = args.path if args.path.is_dir() else args.path.parent
+    output = args.output or folder / ("model.onnx" if args.format == "onnx" else "model.torchscript.pt")
+    images, images_from = export.check_images(saved, args.images)
+    done = export.export(saved.model, args.format, output, saved.input_shape, images, images_from, args.tolerance)
+    print(f"{done.path}: {done.fmt}, {done.size_bytes:,} bytes ({saved.arch}, method {saved.method}); "
+          f"checked on {done.images_from}: {done.criterion}")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
@@ -380,11 +422,11 @@ def main() -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         run(rest)
-    elif cmd in ("report", "compare", "plot"):
+    elif cmd in ("report", "compare", "plot", "export"):
         if cmd == "report":
             command = report_summary if "--summary" in rest else report
         else:
-            command = compare_runs if cmd == "compare" else plot_runs
+            command = {"compare": compare_runs, "plot": plot_runs, "export": export_model}[cmd]
         try:
             command(rest)
         except CompressError as e:  # e.g. an unreadable metrics.csv below DIR

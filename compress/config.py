@@ -185,6 +185,9 @@ class ScheduleConfig:
 class MeasureConfig:
     latency: bool = True           # CPU latency at batch 1 and 64 (torch.utils.benchmark)
     latency_repeats: int = 7       # median of this many timed repeats (after warm-up)
+    # Also export the model and the baseline to ONNX and time them with ONNX Runtime at batch 1
+    # (ort_latency_ms_b1, ort_speedup_b1); needs the onnx and onnxruntime packages (installed by `make install`).
+    ort_latency: bool = True
     eval_batch_size: int = 500     # also the attacks' batch size (they back-propagate: more memory per image)
     # Adversarial robustness of the final model (compress/attacks.py): one final-row column per (attack,
     # epsilon), robust_top1_<attack>_eps<eps>. Epsilons are L-inf radii on the [0, 1] pixel scale, before
@@ -198,6 +201,13 @@ class MeasureConfig:
 
     def __post_init__(self) -> None:
         _int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
+        if self.latency and self.ort_latency:
+            import importlib.util
+
+            missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                _fail("measure.ort_latency", f"needs {' and '.join(missing)}, not installed: `make install`, "
+                      "or measure.ort_latency=false")
         _int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
         for attack in self.attacks:
             require_choice(attack, "measure.attacks", ATTACKS)

@@ -27,6 +27,7 @@ LATER_KEYS = {
     "dataset.val_from": "train",
     **{f"{group}.{key}": value for group in ("schedule", "pretrain") for key, value in
        (("distill", 0.0), ("temperature", 4.0), ("distill_features", []), ("feature_weight", 1.0))},
+    "measure.ort_latency": True,
 }
 
 

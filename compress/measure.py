@@ -4,11 +4,20 @@ size. Pure functions of a model; no data. `model_costs` gathers them into the co
 MACs come from `torch.utils.flop_counter.FlopCounterMode` (every convolution and matrix product that runs,
 functional calls included; FLOPs / 2), counted on the deployable model so that generating a kernel from
 its coefficients is not counted as inference work. Latency comes from `torch.utils.benchmark.Timer`, with
-an explicit thread count, as the median and interquartile range of repeated single forward passes.
+an explicit thread count, as the median and interquartile range of repeated timed blocks of forward passes.
+
+Speed-up is measured, not divided out of two separate measurements: the compressed model and the baseline
+are timed in alternating blocks (`interleaved_ms`), so both see the same machine load, and the speed-up is
+the median of the per-repeat ratios. On a busy CPU the absolute latencies drift by tens of percent between
+rows; the paired ratio does not (bench/pruned_latency.py). With ONNX Runtime (`measure.ort_latency`), the
+same pairing on the two models exported to ONNX gives the deployment speed-up at batch 1.
 """
 from __future__ import annotations
 
 import io
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -57,20 +66,59 @@ def _benchmark():
     return benchmark
 
 
-@torch.inference_mode()
 def latency_ms(model: nn.Module, input_shape: tuple[int, int, int], batch: int, repeats: int = 7,
                threads: int | None = None) -> tuple[float, float]:
     """(median, interquartile range) of a forward pass's wall time on the CPU, in milliseconds.
 
     `model` is used as it is (give it a deployable CPU copy in eval mode: `compress.layers.deployable`).
     """
-    benchmark = _benchmark()
     x = torch.randn(batch, *input_shape).contiguous(memory_format=torch.channels_last)
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
-                            num_threads=threads or torch.get_num_threads())
-    timer.timeit(2)  # warm-up: first calls allocate and pick kernels
-    runs = benchmark.Measurement.merge([timer.timeit(1) for _ in range(repeats)])[0]
-    return 1000.0 * runs.median, 1000.0 * runs.iqr
+    timed = interleaved_ms([_forward(model, x)], repeats, threads)
+    return timed.median_ms[0], timed.iqr_ms[0]
+
+
+@dataclass
+class Interleaved:
+    """Per candidate: median and interquartile range of a call's wall time (ms), and the speed-up over the
+    first candidate (the median of per-repeat ratios; 1.0 for the first itself)."""
+    median_ms: list[float]
+    iqr_ms: list[float]
+    speedup: list[float]
+
+
+def interleaved_ms(calls: Sequence[Callable[[], Any]], repeats: int = 7, threads: int | None = None,
+                   block_s: float = 0.05) -> Interleaved:
+    """Time `calls` in alternating blocks: repeat r times call 0, call 1, ... back to back, each block long
+    enough (about `block_s`, at least one call) for the timer's resolution; then compare within each repeat."""
+    benchmark = _benchmark()
+    timers = [benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads or torch.get_num_threads())
+              for call in calls]
+    numbers = []
+    for timer in timers:
+        timer.timeit(2)  # warm-up: first calls allocate and pick kernels
+        single = timer.timeit(1).median
+        numbers.append(max(1, min(1000, int(block_s / max(single, 1e-7)))))
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, timer in enumerate(timers):
+            times[i].append(timer.timeit(numbers[i]).median)  # seconds per call in this block
+    quartiles = [statistics.quantiles(t, n=4) if len(t) > 1 else [t[0], t[0], t[0]] for t in times]
+    return Interleaved(
+        median_ms=[1000.0 * statistics.median(t) for t in times],
+        iqr_ms=[1000.0 * (q[2] - q[0]) for q in quartiles],
+        speedup=[statistics.median(base / own for base, own in zip(times[0], t)) for t in times])
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    def call():
+        with torch.inference_mode():
+            return model(x)
+    return call
+
+
+def _ort_call(session, x: torch.Tensor) -> Callable[[], Any]:
+    feed = {"images": x.contiguous().numpy()}
+    return lambda: session.run(None, feed)
 
 
 def serialized_size(model: nn.Module) -> int:
@@ -79,18 +127,51 @@ def serialized_size(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def model_costs(model: nn.Module, input_shape: tuple[int, int, int], *, storage_bytes: int | None,
-                latency: bool, latency_repeats: int, threads: int | None = None) -> dict:
-    """The cost columns of a metrics row. `storage_bytes`: the method's own storage format, if any."""
+def _plain(model: nn.Module) -> nn.Module:
     from compress.layers import deployable
 
-    deploy = deployable(model).cpu().eval().to(memory_format=torch.channels_last)
-    costs = {"params": count_params(model), "params_nonzero": count_nonzero(model),
-             "macs": count_macs(deploy, input_shape)}
-    nan = float("nan")
+    return deployable(model).cpu().eval().to(memory_format=torch.channels_last)
+
+
+def latency_columns(model: nn.Module, input_shape: tuple[int, int, int], *, reference: nn.Module | None,
+                    repeats: int, threads: int | None = None, ort: bool = False) -> dict:
+    """latency_ms_b1/_b64 (+ iqr) of `model`'s deployable form and, beside a `reference` (the baseline),
+    speedup_b1/_b64 timed in alternation with it; with `ort`, ort_latency_ms_b1 and ort_speedup_b1 of both
+    exported to ONNX and run by ONNX Runtime. Without a reference (the baseline row) the speed-ups are 1."""
+    deploy = _plain(model)
+    pair = [_plain(reference), deploy] if reference is not None else [deploy]
+    columns = {}
     for batch in (1, 64):
-        median, iqr = latency_ms(deploy, input_shape, batch, latency_repeats, threads) if latency else (nan, nan)
-        costs[f"latency_ms_b{batch}"] = round(median, 3)
-        costs[f"latency_iqr_ms_b{batch}"] = round(iqr, 3)
+        x = torch.randn(batch, *input_shape).contiguous(memory_format=torch.channels_last)
+        timed = interleaved_ms([_forward(m, x) for m in pair], repeats, threads)
+        columns[f"latency_ms_b{batch}"] = round(timed.median_ms[-1], 3)
+        columns[f"latency_iqr_ms_b{batch}"] = round(timed.iqr_ms[-1], 3)
+        columns[f"speedup_b{batch}"] = round(timed.speedup[-1], 3)
+    if ort:
+        from compress import export
+
+        sessions = [export.ort_session(export.onnx_bytes(m, input_shape), threads) for m in pair]
+        x = torch.randn(1, *input_shape)
+        timed = interleaved_ms([_ort_call(s, x) for s in sessions], repeats, threads)
+        columns["ort_latency_ms_b1"] = round(timed.median_ms[-1], 3)
+        columns["ort_speedup_b1"] = round(timed.speedup[-1], 3)
+    return columns
+
+
+LATENCY_COLUMNS = ("latency_ms_b1", "latency_ms_b64", "latency_iqr_ms_b1", "latency_iqr_ms_b64", "speedup_b1",
+                   "speedup_b64", "ort_latency_ms_b1", "ort_speedup_b1")
+
+
+def model_costs(model: nn.Module, input_shape: tuple[int, int, int], *, storage_bytes: int | None,
+                latency: bool, latency_repeats: int, threads: int | None = None, reference: nn.Module | None = None,
+                ort: bool = False) -> dict:
+    """The cost columns of a metrics row. `storage_bytes`: the method's own storage format, if any;
+    `reference`: the baseline model the speed-ups are measured against (see `latency_columns`)."""
+    costs = {"params": count_params(model), "params_nonzero": count_nonzero(model),
+             "macs": count_macs(_plain(model), input_shape)}
+    costs.update(dict.fromkeys(LATENCY_COLUMNS, float("nan")))
+    if latency:
+        costs.update(latency_columns(model, input_shape, reference=reference, repeats=latency_repeats,
+                                     threads=threads, ort=ort))
     costs["size_bytes"] = storage_bytes if storage_bytes is not None else serialized_size(model)
     return costs

@@ -50,6 +50,7 @@ class Run:
         self.labels = {"experiment": experiment or "", "overrides": overrides or "", "paper_row": config.paper_row or ""}
         self.device = resolve_device(config.device)
         self.method = build_method(config.method)
+        self._reference: nn.Module | None = None  # the baseline, for timing speed-ups (_latency_reference)
         self.arch = config.arch.name
         iterative = config.schedule.rounds > 0
         if self.method.requires_rounds and not iterative:
@@ -221,9 +222,22 @@ class Run:
                "top1": round(test["top1"], 3), "top5": round(test["top5"], 3), "loss": round(test["loss"], 5),
                "val_top1": round(val["top1"], 3), "val_from": self.data.val_from,
                **measure.model_costs(model, self.data.image_shape, storage_bytes=self.method.storage_bytes(model),
-                                     latency=m.latency, latency_repeats=m.latency_repeats, threads=self.config.threads)}
+                                     latency=m.latency, latency_repeats=m.latency_repeats, threads=self.config.threads,
+                                     reference=self._latency_reference(stage, model) if m.latency else None,
+                                     ort=m.ort_latency)}
         row["wall_s"] = round(time.perf_counter() - started, 2)
         return results.with_reductions(row, self.ledger.baseline or row)
+
+    def _latency_reference(self, stage: str, model: nn.Module) -> nn.Module | None:
+        """The baseline the speed-ups are timed against: the model as loaded (None for the baseline row
+        itself). On resume it is loaded again from `arch.checkpoint` (the teacher, when distilling)."""
+        if stage == "baseline":
+            self._reference = layers.clone(model).cpu().eval()
+            return None
+        if self._reference is None:
+            loaded = self.teacher if self.teacher is not None else sources.starting_model(self.config, self.data, self.device)
+            self._reference = layers.clone(loaded).cpu().eval()
+        return self._reference
 
     def _rounds_summary(self) -> dict:
         """For the final row of an iterative run: how many rounds were accepted and rolled back."""

@@ -16,6 +16,9 @@ COLUMNS = [
     "paper_row",  # the published row the run reproduces (config key paper_row; configs/tables/published.csv)
     "val_from",  # where val_top1's images come from: train (held out of it) or test (a half; top1 on the other)
     "rounds_accepted", "rounds_rolled_back",  # final row of an iterative run: where the schedule ended
+    # baseline latency / this row's, timed in alternation with the baseline (compress/measure.py); and the same
+    # with both models exported to ONNX and run by ONNX Runtime at batch 1 (measure.ort_latency)
+    "speedup_b1", "speedup_b64", "ort_latency_ms_b1", "ort_speedup_b1",
 ]
 
 

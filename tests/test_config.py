@@ -100,9 +100,11 @@ def test_threshold_is_the_stricter_bound_and_rollback_policy():
     assert (first.rollbacks, first.step_scale, first.over) == (1, 0.5, False)
     third = plan.after_rollback(2, 0.25)
     assert third.over and third.step_scale == 0.25
-    # the method says a smaller step means nothing for what was rolled back: it counts, the scale stays
+    # the method says a smaller step means nothing for what was rolled back: the scale stays, and it is no
+    # retry, so even past max_rollbacks the schedule goes on (FGFP's failed conversions)
     kept = plan.after_rollback(0, 1.0, shrink=False)
-    assert (kept.rollbacks, kept.step_scale, kept.over) == (1, 1.0, False)
+    assert (kept.rollbacks, kept.step_scale, kept.over) == (0, 1.0, False)
+    assert not plan.after_rollback(2, 0.25, shrink=False).over
     stop = IterativeSchedule.from_config(dataclasses.replace(s, on_rollback="stop"), 93.0).after_rollback(0, 1.0)
     assert stop.over
     assert IterativeSchedule.from_config(ScheduleConfig(rounds=3), 93.0).accepts(0.0)
@@ -156,6 +158,42 @@ def test_latency_gives_median_and_spread():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     median, iqr = measure.latency_ms(model, (3, 16, 16), batch=2, repeats=5, threads=1)
     assert median > 0 and iqr >= 0 and iqr < 100 * median
+
+
+def test_interleaved_timing_gives_the_speed_up_over_the_first_call():
+    """Paired blocks: a call doing a quarter of the first's waiting reads about 4x faster, the first 1x."""
+    import time
+
+    timed = measure.interleaved_ms([lambda: time.sleep(0.004), lambda: time.sleep(0.001)], repeats=5, threads=1,
+                                   block_s=0.02)
+    assert timed.speedup[0] == 1.0 and 2.5 < timed.speedup[1] < 4.5
+    assert 3.9 < timed.median_ms[0] < 8 and 0.9 < timed.median_ms[1] < 3
+
+
+def test_rows_time_the_speed_up_against_the_baseline_in_pytorch_and_onnx_runtime(tmp_path, quick_args, threads):
+    from compress.config import compose
+    from compress.pipeline import Run
+    from tests.test_pipeline import rows
+
+    pytest.importorskip("onnxruntime")
+    run_dir = tmp_path / "run"
+    args = [a for a in quick_args if a != "measure.latency=false"] + [
+        "dataset.image_size=8", "method=l1", "method.compress_rate=0.5", "schedule.epochs=0", "measure.latency_repeats=3"]
+    Run(compose(args), run_dir).execute()
+    baseline, compressed = rows(run_dir)[:2]
+    assert baseline["speedup_b1"] == baseline["speedup_b64"] == baseline["ort_speedup_b1"] == "1.0"
+    for column in ("latency_ms_b1", "latency_ms_b64", "speedup_b1", "speedup_b64", "ort_latency_ms_b1", "ort_speedup_b1"):
+        assert 0 < float(compressed[column]) < 1e4, column
+
+
+def test_onnx_runtime_latency_without_onnxruntime_names_the_key(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(CompressError, match=r"^measure.ort_latency: needs onnxruntime, not installed"):
+        compose(["dataset=synthetic", "arch.checkpoint=null"])
+    assert not compose(["dataset=synthetic", "arch.checkpoint=null", "measure.ort_latency=false"]).measure.ort_latency
 
 
 def test_a_misspelt_experiment_is_refused_not_replaced_by_the_default_job(tmp_path):

@@ -577,10 +577,11 @@ def test_one_by_one_through_the_pipeline_resumes_after_a_kill(tmp_path, monkeypa
 
 
 def test_a_conversion_rolled_back_by_the_pipeline_stays_ordinary(tmp_path, monkeypatch, threads):
-    # round 1 (converting layer3.2.conv2) falls under the threshold; round 2 converts the next layer
+    # round 1 (converting layer3.2.conv2) falls under the threshold; round 2 converts the next layer. With
+    # max_rollbacks=0 too: a failed conversion is no retry, so it does not end the schedule.
     verdicts = iter([False])
     monkeypatch.setattr(IterativeSchedule, "accepts", lambda self, top1: next(verdicts, True))
-    _, rows, state, packed = fgfp_run(tmp_path, "run", "limits.rounds=3")
+    _, rows, state, packed = fgfp_run(tmp_path, "run", "limits.rounds=3", "schedule.max_rollbacks=0")
     assert [(r["stage"], r["status"]) for r in rows][2:] == [
         ("round_1", "rolled_back"), ("round_2", "accepted"), ("round_3", "accepted"), ("final", "")]
     assert state["step_scale"] == 1.0  # a rolled-back conversion does not shrink the pruning step

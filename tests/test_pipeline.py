@@ -22,6 +22,7 @@ METRICS_COLUMNS = [
     "params_nonzero", "macs", "params_reduction_pct", "macs_reduction_pct", "top1_delta", "latency_ms_b1",
     "latency_ms_b64", "size_bytes", "wall_s", "experiment", "overrides", "latency_iqr_ms_b1", "latency_iqr_ms_b64",
     "paper_row", "val_from", "rounds_accepted", "rounds_rolled_back",
+    "speedup_b1", "speedup_b64", "ort_latency_ms_b1", "ort_speedup_b1",
 ]
 
 

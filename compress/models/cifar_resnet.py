@@ -65,7 +65,10 @@ class ShortcutA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One autograd node for the whole shortcut, so that graph tracers (Torch-Pruning) see this module
-        # as a single operation between its input and output.
+        # as a single operation between its input and output. TorchScript's tracer cannot record a Python
+        # autograd Function, so a trace (`compress export --format torchscript`) records the plain ops.
+        if torch.jit.is_tracing():
+            return self._route(x)
         return _RouteChannels.apply(x, self)
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
