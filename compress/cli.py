@@ -1,4 +1,5 @@
-"""Entry points: `compress run [hydra overrides]` and `compress report DIR...`."""
+"""Entry points: `compress run [hydra overrides]`, `compress report | compare | plot DIR...` and
+`compress export RUN_DIR`."""
 from __future__ import annotations
 
 import argparse
