@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -229,15 +230,19 @@ def _is_out_of_memory(e: BaseException) -> bool:
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from compress import distributed
     from compress.config import to_config
     from compress.pipeline import Run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger("compress").setLevel(logging.WARNING)  # data-parallel: rank 0 tells the story
     try:
         hc = HydraConfig.get()
         # Rows say which experiment and overrides made them, so the runs of a sweep can be told apart.
         Run(to_config(cfg), run_dir, experiment=hc.runtime.choices.get("experiment") or "",
             overrides=hc.job.override_dirname).execute()
+        distributed.teardown()
     except CompressError as e:
         _to_log_file(f"error: {e}")
         _fail(str(e))
@@ -252,10 +257,33 @@ def _task(cfg) -> None:
         _to_log_file(f"error: {msg}")
         _fail(msg)
     except KeyboardInterrupt:
+        distributed.teardown()
         log.warning("interrupted; files in %s are complete: continue with resume=true hydra.run.dir=%s", run_dir, run_dir)
         print(f"interrupted: continue with: compress run <same overrides> resume=true hydra.run.dir={run_dir}",
               file=sys.stderr)
         sys.exit(130)
+
+
+def _data_parallel_argv(argv: list[str]) -> list[str]:
+    """Under torchrun (compress/distributed.py): one run, in one run dir that every rank names, whose
+    .hydra/ and log rank 0 alone writes."""
+    import os
+
+    from compress import distributed
+
+    try:
+        if not distributed.launched():
+            return argv
+    except CompressError as e:
+        _fail(str(e))
+    if any(a in ("-m", "--multirun") for a in argv):
+        _fail("-m: a data-parallel run (torchrun) is one run; start one torchrun per run of the sweep")
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        _fail("hydra.run.dir: a data-parallel run (torchrun) needs the run dir named, the same for every rank: "
+              "add hydra.run.dir=DIR")
+    if os.environ.get("RANK", "0") != "0":
+        return [*argv, "hydra.output_subdir=null"]
+    return argv
 
 
 def run(argv: list[str]) -> None:
@@ -268,6 +296,7 @@ def run(argv: list[str]) -> None:
     register_configs()
     argv = _smoke_to_debug(argv)
 
+    argv = _data_parallel_argv(argv)
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
         _precheck([a for a in argv if not a.startswith("-")], multirun=any(a in ("-m", "--multirun") for a in argv))
     # SIGTERM (kill) ends the run like Ctrl-C: the current stage stops, written files stay complete.

@@ -43,18 +43,21 @@ def fingerprint(config: dict) -> str:
 
 
 class RunLedger:
-    def __init__(self, run_dir: Path, state: dict[str, Any]):
+    def __init__(self, run_dir: Path, state: dict[str, Any], writes: bool = True):
         self.run_dir = run_dir
+        self.writes = writes  # False on the other ranks of a data-parallel run: rank 0 alone writes
         self.metrics_path = run_dir / "metrics.csv"
         self.state_path = run_dir / "state.pt"
         self.state = state
 
     @classmethod
-    def open(cls, run_dir: Path, *, resume: bool, config_fingerprint: str, run_id: str) -> "RunLedger":
+    def open(cls, run_dir: Path, *, resume: bool, config_fingerprint: str, run_id: str, writes: bool = True
+             ) -> "RunLedger":
         """A new ledger, or (resume) the one the directory holds; refuses to overwrite a run, or to
-        resume one started with another config."""
+        resume one started with another config. `writes=False` (data-parallel ranks other than 0, opened
+        after rank 0's): the same state in memory, never written."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        ledger = cls(run_dir, {})
+        ledger = cls(run_dir, {}, writes)
         if resume and ledger.state_path.is_file():
             try:
                 ledger.state = torch.load(ledger.state_path, map_location="cpu", weights_only=True)
@@ -64,9 +67,10 @@ class RunLedger:
             if ledger.state.get("config") != config_fingerprint:
                 raise CompressError(f"resume: the config differs from the one {run_dir} was started with; "
                                     "resume with the same overrides, or start a new run dir")
-            results.write_rows(ledger.metrics_path, ledger.rows)
+            if writes:
+                results.write_rows(ledger.metrics_path, ledger.rows)
             log.info("resuming %s: stages done: %s", run_dir, ", ".join(r["stage"] for r in ledger.rows) or "none")
-        elif ledger.metrics_path.exists() or ledger.state_path.exists():
+        elif writes and (ledger.metrics_path.exists() or ledger.state_path.exists()):
             raise CompressError(f"hydra.run.dir: {run_dir} already holds a run; pass resume=true to continue it, "
                                 "or choose another hydra.run.dir")
         else:
@@ -103,13 +107,15 @@ class RunLedger:
         if packed_model is not None:
             self.state["model"] = packed_model
             self.state["method_state"] = method_state or {}
-        checkpoints.atomic_save(self.state, self.state_path)
+        if self.writes:
+            checkpoints.atomic_save(self.state, self.state_path)
 
     def record(self, row: dict, packed_model: dict, method_state: dict, **extra: Any) -> None:
         """A stage is done: its row goes into the state (atomically), then into metrics.csv."""
         self.rows.append(row)
         self.save(packed_model, method_state, train=None, **extra)
-        results.append_row(self.metrics_path, row)
+        if self.writes:
+            results.append_row(self.metrics_path, row)
         log.info("%-10s top-1 %.2f (val %.2f)  params %s (nonzero %s)  MACs %.2fM  %s", row["stage"], row["top1"],
                  row["val_top1"], row["params"], row["params_nonzero"], row["macs"] / 1e6, row.get("status", ""))
 
@@ -120,4 +126,5 @@ class RunLedger:
 
     def save_fit(self, stage: str, fit_state: dict) -> None:
         self.state["train"] = {"stage": stage, "fit": fit_state}
-        checkpoints.atomic_save(self.state, self.state_path)
+        if self.writes:
+            checkpoints.atomic_save(self.state, self.state_path)

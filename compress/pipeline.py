@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import CompressError, attacks, checkpoints, data as datasets, layers, measure, methods, results, sources, train
+from compress import (CompressError, attacks, checkpoints, data as datasets, distributed, layers, measure, methods,
+                      results, sources, train)
 from compress.config import Config, ScheduleConfig
 from compress.ledger import RunLedger, fingerprint
 from compress.methods.base import Context, Method
@@ -48,7 +49,7 @@ class Run:
         self.config = config
         self.run_dir = run_dir
         self.labels = {"experiment": experiment or "", "overrides": overrides or "", "paper_row": config.paper_row or ""}
-        self.device = resolve_device(config.device)
+        self.device = distributed.setup(config.device) or resolve_device(config.device)
         self.method = build_method(config.method)
         self._reference: nn.Module | None = None  # the baseline, for timing speed-ups (_latency_reference)
         self.arch = config.arch.name
@@ -64,8 +65,14 @@ class Run:
     # -- the stages -------------------------------------------------------------------------------------------
     def execute(self) -> Path:
         config = self.config
-        self.ledger = RunLedger.open(self.run_dir, resume=config.resume, run_id=config.run_id,
-                                     config_fingerprint=fingerprint(dataclasses.asdict(config)))
+        open_ledger = lambda: RunLedger.open(self.run_dir, resume=config.resume, run_id=config.run_id,  # noqa: E731
+                                             config_fingerprint=fingerprint(dataclasses.asdict(config)),
+                                             writes=distributed.is_main())
+        if distributed.is_main():  # data-parallel (torchrun): the other ranks read what rank 0 opened
+            self.ledger = open_ledger()
+        distributed.barrier()
+        if not distributed.is_main():
+            self.ledger = open_ledger()
         if self.ledger.done("final"):
             log.info("the run is already complete")
             return self.run_dir
@@ -97,7 +104,8 @@ class Run:
                                 measure_it=self.method.changes_model, model=model)
         model = self._stage("final", lambda: self._fit(model, config.schedule, "final"),
                             measure_it=config.schedule.epochs > 0, model=model)
-        checkpoints.atomic_save(self._pack(model), self.run_dir / "model.pt")
+        if distributed.is_main():
+            checkpoints.atomic_save(self._pack(model), self.run_dir / "model.pt")
         log.info("done: %s", self.run_dir)
         return self.run_dir
 
@@ -222,8 +230,9 @@ class Run:
                "top1": round(test["top1"], 3), "top5": round(test["top5"], 3), "loss": round(test["loss"], 5),
                "val_top1": round(val["top1"], 3), "val_from": self.data.val_from,
                **measure.model_costs(model, self.data.image_shape, storage_bytes=self.method.storage_bytes(model),
-                                     latency=m.latency, latency_repeats=m.latency_repeats, threads=self.config.threads,
-                                     reference=self._latency_reference(stage, model) if m.latency else None,
+                                     latency=m.latency and distributed.is_main(),  # rank 0's row is the one kept
+                                     latency_repeats=m.latency_repeats, threads=self.config.threads,
+                                     reference=self._latency_reference(stage, model) if m.latency and distributed.is_main() else None,
                                      ort=m.ort_latency)}
         row["wall_s"] = round(time.perf_counter() - started, 2)
         return results.with_reductions(row, self.ledger.baseline or row)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from compress import CompressError, checkpoints, methods, models, train
+from compress import CompressError, checkpoints, distributed, methods, models, train
 from compress.config import ScheduleConfig
 from compress.data.base import Data
 
@@ -79,11 +79,13 @@ def pretrained_here(arch: str, data: Data, dataset_key: dict, pretrain: Schedule
     resume = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
     log.info("arch.checkpoint is null: pretraining %s for %d epochs (cache: %s)", arch, pretrain.epochs, final)
     model = models.build(arch, data.num_classes).to(device)
+    writes = distributed.is_main()  # data-parallel pretraining: every rank trains, rank 0 keeps the files
     model, _ = train.fit(model, data.train, data.val, pretrain, device, seed=seed, resume=resume,
-                         on_epoch_end=lambda s: checkpoints.atomic_save(s, partial), desc="pretrain",
-                         eval_batch_size=eval_batch_size)
-    checkpoints.atomic_save(checkpoints.pack(model, arch, "none", {}), final)
-    partial.unlink(missing_ok=True)
+                         on_epoch_end=(lambda s: checkpoints.atomic_save(s, partial)) if writes else None,
+                         desc="pretrain", eval_batch_size=eval_batch_size)
+    if writes:
+        checkpoints.atomic_save(checkpoints.pack(model, arch, "none", {}), final)
+        partial.unlink(missing_ok=True)
     return model
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress import CompressError
+from compress import CompressError, distributed
 from compress.config import ScheduleConfig
 from compress.data.base import Split
 
@@ -194,7 +194,12 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
                                                     resume["best_state"], resume["best_epoch"])
         log.info("%s: resuming after epoch %d (best val top-1 %.2f at epoch %s)", desc, start, best_top1, best_epoch)
     amp = sched.amp and device.type == "cuda"
-    step_model = torch.compile(model) if sched.compile and device.type == "cuda" else model
+    if distributed.world_size() > sched.batch_size:
+        raise CompressError(f"schedule.batch_size: {sched.batch_size} images cannot be split over "
+                            f"{distributed.world_size()} data-parallel ranks")
+    # Data-parallel under torchrun: each rank steps on its shard of the global batch (compress/distributed.py).
+    step_model = distributed.wrap(model, device)
+    step_model = torch.compile(step_model) if sched.compile and device.type == "cuda" else step_model
     smoothing = sched.label_smoothing
     with contextlib.ExitStack() as stack:
         distiller = stack.enter_context(Distiller(teacher, model, sched)) if sched.distilling else None
@@ -206,6 +211,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
                                      max_batches=batches_per_epoch),
                        total=batches_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None)
             for x, y in bar:
+                x, y = distributed.shard(x, y)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device, amp):
                     logits = step_model(x)
@@ -218,6 +224,8 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
                 running += loss.item() * y.numel()
                 seen += y.numel()
                 bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            running, seen = distributed.total([running, seen])
+            distributed.share_buffers(model)  # the ranks evaluate, and keep the best epoch, alike
             images_per_s = seen / max(time.perf_counter() - epoch_started, 1e-9)
             val_top1 = evaluate(model, val, device, eval_batch_size, amp, desc="val")["top1"]
             log.info("%s epoch %d/%d: train loss %.4f, val top-1 %.2f (%.0f images/s%s)", desc, epoch + 1, epochs,
