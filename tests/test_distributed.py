@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compress import distributed
-from tests.conftest import REPO, compress_cli, interrupt_after_first_epoch
+from tests.conftest import REPO, interrupt_after_first_epoch
 
 ARGS = ["dataset=synthetic", "arch=resnet20", "method=l1", "method.compress_rate=0.5", "arch.checkpoint=null",
         "pretrain.epochs=0", "measure.latency=false", "schedule.epochs=2", "schedule.max_batches=4", "threads=1"]
@@ -31,8 +31,11 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_two_processes_give_one_process_rows_for_the_same_global_batch(tmp_path):
+    from compress.config import compose
+    from compress.pipeline import Run
+
     cache = f"paths.cache={tmp_path / 'cache'}"
-    compress_cli("run", *ARGS, cache, f"hydra.run.dir={tmp_path / 'one'}", check=True)
+    Run(compose([*ARGS, cache]), tmp_path / "one").execute()
     two = torchrun(*ARGS, cache, f"hydra.run.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
     one_rows, two_rows = rows(tmp_path / "one"), rows(tmp_path / "two")

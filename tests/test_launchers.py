@@ -12,6 +12,7 @@ from tests.conftest import compress_cli
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 
 
+@pytest.mark.slow  # ~20 s: two worker processes importing torch
 def test_a_parallel_sweep_runs_each_job_in_its_own_process(tmp_path):
     sweep = tmp_path / "sweep"
     result = compress_cli(

@@ -46,13 +46,16 @@ def test_pretrained_deeper_cifar_resnets_reproduce_published_top1(tmp_path):
 
 
 @needs_shared
-def test_val_from_test_gives_honest_validation_for_the_published_checkpoints(tmp_path):
+def test_val_from_test_gives_honest_validation_for_the_published_checkpoints(tmp_path, caplog):
     """Held out of train/, validation reads ~100 % for a checkpoint trained on all of it (decisions are blind);
     val_from=test validates on one fixed half of the test set and reports the other: the two agree."""
+    from compress.config import compose
+    from compress.pipeline import Run
+
     blind, honest = tmp_path / "blind", tmp_path / "honest"
-    compress_cli("run", "arch=resnet20", *EVALUATE, f"hydra.run.dir={blind}", check=True, timeout=600)
-    compress_cli("run", "arch=resnet20", *EVALUATE, "dataset.val_from=test", f"hydra.run.dir={honest}", check=True,
-                 timeout=600)
+    Run(compose(["arch=resnet20", *EVALUATE]), blind).execute()  # in process: the imports once
+    with caplog.at_level("INFO", logger="compress"):
+        Run(compose(["arch=resnet20", *EVALUATE, "dataset.val_from=test"]), honest).execute()
     held_out = stage_rows(blind / "metrics.csv")[0]
     assert held_out["val_from"] == "train" and float(held_out["val_top1"]) > 99.0
     row = stage_rows(honest / "metrics.csv")[0]
@@ -60,4 +63,4 @@ def test_val_from_test_gives_honest_validation_for_the_published_checkpoints(tmp
     assert abs(float(row["val_top1"]) - float(row["top1"])) < 1.0, row
     # the two halves together are the whole test set: their mean is the published number
     assert (float(row["val_top1"]) + float(row["top1"])) / 2 == pytest.approx(EXPECTED_TOP1["resnet20"], abs=0.01)
-    assert "val 5000 (from test), test 5000" in (honest / "compress.log").read_text()
+    assert "val 5000 (from test), test 5000" in caplog.text
