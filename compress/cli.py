@@ -357,19 +357,32 @@ def report_summary(argv: list[str]) -> None:
     p = _parser("compress report --summary", "One line per run: baseline -> final top-1, reductions, wall time.")
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("--summary", action="store_true", help="one line per run (this table)")
+    p.add_argument("--mean-over", metavar="KEYS", help="merge the runs that differ only in these comma-separated "
+                   "override keys (e.g. seed): mean, spread, min and max of the final top-1")
     p.add_argument("-o", "--output", type=Path, help="also write the table: FILE.csv or FILE.md")
     args = p.parse_args(argv)
     if args.output is not None and args.output.suffix.lower() not in (".csv", ".md"):
         _fail(f"{args.output}: -o must end with .csv or .md")
+    keys = [k.strip() for k in (args.mean_over or "").split(",") if k.strip()]
+    if args.mean_over is not None and not keys:
+        _fail("--mean-over: name at least one override key (e.g. --mean-over seed)")
     try:
-        table = compare.summary(_runs_below(args.dirs))
-        text = compare.summary_markdown(table)
+        gathered = _runs_below(args.dirs)
+        table = compare.summary(gathered)
+        runs = len(table)
+        if keys:
+            table = compare.mean_over(compare.runs(gathered, resolve=lambda name: ""), keys)
+            text = compare.markdown(table, compare.MEAN_COLUMNS)
+            columns = compare.MEAN_COLUMNS
+        else:
+            text, columns = compare.summary_markdown(table), compare.SUMMARY_COLUMNS
         if args.output is not None:
-            compare.write_table(table, args.output, compare.SUMMARY_COLUMNS, text)
+            compare.write_table(table, args.output, columns, text)
     except CompressError as e:
         _fail(str(e))
     print(text)
-    print(f"\n{len(table)} runs" + (f" -> {args.output}" if args.output is not None else ""))
+    shown = f"{runs} runs" + (f" in {len(table)} settings (over {', '.join(keys)})" if keys else "")
+    print(f"\n{shown}" + (f" -> {args.output}" if args.output is not None else ""))
 
 
 def compare_runs(argv: list[str]) -> None:

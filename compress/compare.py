@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from compress import CompressError
 
@@ -40,7 +41,7 @@ SUMMARY_COLUMNS = ("run", "experiment", "overrides", "method", "arch", "stage", 
 
 _METRIC_NUMBERS = ("top1", "params", "params_nonzero", "macs", "params_reduction_pct", "macs_reduction_pct", "wall_s")
 _COUNTS = {"params", "params_nonzero", "macs", "paper_params", "paper_macs"}
-_TEXT = {"run", "experiment", "arch", "method", "stage", "overrides", "paper_row", "note"}  # left-aligned
+_TEXT = {"run", "experiment", "arch", "method", "stage", "overrides", "paper_row", "note", "setting"}  # left-aligned
 
 
 # --- the published table ---------------------------------------------------------------------------
@@ -225,6 +226,48 @@ def summary(table):
     return ours[list(SUMMARY_COLUMNS)]
 
 
+# `compress report --summary --mean-over seed`: the runs of one setting as one line.
+MEAN_COLUMNS = ("experiment", "setting", "method", "arch", "runs", "finished", "pre_top1", "top1_mean", "top1_std",
+                "top1_min", "top1_max", "params", "macs", "params_reduction_pct", "macs_reduction_pct", "wall_s")
+_OVERRIDE_SPLIT = re.compile(r",(?=[+~]*[\w.@/-]+=)")  # between overrides, not inside a value ("[0.]+[0.18]*29")
+
+
+def setting_of(overrides: str, keys: Sequence[str]) -> str:
+    """A run's overrides without those of `keys` (the repeats: seed=...): what its repeats share."""
+    kept = [o for o in _OVERRIDE_SPLIT.split(overrides or "") if o and o.split("=", 1)[0].lstrip("+~") not in keys]
+    return ",".join(kept)
+
+
+def mean_over(frame, keys: Sequence[str]):
+    """`runs(table)` with the runs that differ only in `keys` (e.g. seed) merged into one line: how
+    many runs and how many finished, the means of their numbers and, for the final top-1, the sample
+    standard deviation, minimum and maximum over the finished runs. `setting` is a line's overrides
+    without `keys` and without the overrides every line shares."""
+    import pandas as pd
+
+    frame = frame.copy()
+    settings = [setting_of(o, keys) for o in frame["overrides"]]
+    # What every run shares (the data set, the budget) says nothing about a line: shown once, not per line.
+    split = [_OVERRIDE_SPLIT.split(x) if x else [] for x in settings]
+    shared = set.intersection(*map(set, split)) if split and len(set(settings)) > 1 else set()
+    frame["setting"] = [",".join(o for o in parts if o not in shared) for parts in split]
+    lines = []
+    for (experiment, setting, method, arch), group in frame.groupby(["experiment", "setting", "method", "arch"],
+                                                                   sort=False, dropna=False):
+        done = group[group["stage"] == "final"]
+        top1 = pd.to_numeric(done["top1"], errors="coerce").dropna()
+        lines.append({
+            "experiment": experiment, "setting": setting, "method": method, "arch": arch, "runs": len(group),
+            "finished": len(done), "pre_top1": pd.to_numeric(group["pre_top1"], errors="coerce").mean(),
+            "top1_mean": top1.mean() if len(top1) else math.nan,
+            "top1_std": top1.std(ddof=1) if len(top1) > 1 else math.nan,
+            "top1_min": top1.min() if len(top1) else math.nan, "top1_max": top1.max() if len(top1) else math.nan,
+            **{c: pd.to_numeric(done[c], errors="coerce").mean() if len(done) else math.nan
+               for c in ("params", "macs", "params_reduction_pct", "macs_reduction_pct", "wall_s")},
+        })
+    return pd.DataFrame(lines, columns=list(MEAN_COLUMNS))
+
+
 # --- output ---------------------------------------------------------------------------------------
 
 def _first_line(e: BaseException) -> str:
@@ -251,6 +294,8 @@ def _cell(column: str, value) -> str:
         return ""
     if column in _COUNTS:
         return _count(x)
+    if column in ("runs", "finished"):
+        return f"{x:.0f}"
     if column == "top1_vs_paper":
         return f"{x:+.2f}"
     if column == "wall_s":

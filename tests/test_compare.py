@@ -327,3 +327,36 @@ def test_a_run_that_chose_no_row_is_not_linked_through_its_experiment(tmp_path):
     write_run(tmp_path / "old", finished(50.0, 91.0, 660157, 89460352), experiment="cfdp_resnet56")
     lines = compare.runs(results.gather([tmp_path]), resolve=lambda name: "cfdp_t2_resnet56_cfdp")
     assert dict(zip(lines["run"], lines["paper_row"])) == {"chose_none": "", "old": "cfdp_t2_resnet56_cfdp"}
+
+
+def test_mean_over_seeds_merges_the_repeats_of_a_setting(monkeypatch, capsys, tmp_path):
+    """Runs differing only in seed: one line, mean / sample std / min / max of the final top-1; what every
+    line shares (the budget) is left out of `setting`; a value holding commas stays one override."""
+    root = tmp_path / "sweep"
+    finals = {("l1", 0): 80.2, ("l1", 1): 80.6, ("cfdp", 0): 70.0, ("cfdp", 1): 71.0, ("cfdp", 2): 72.0}
+    for i, ((method, seed), top1) in enumerate(finals.items()):
+        write_run(root / str(i), finished(10.0 + seed, top1, 400000, 59000000), method=method, paper_row="")
+        path = root / str(i) / "metrics.csv"
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            row["overrides"] = f"dataset.train_size=5000,method={method},method.steps=[{{name: l1, rate: 0.5}}],seed={seed}"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    table = compare.mean_over(compare.runs(results.gather([root]), resolve=lambda name: ""), ["seed"])
+    assert list(table.columns) == list(compare.MEAN_COLUMNS) and len(table) == 2
+    l1, cfdp = table.to_dict("records")
+    assert l1["setting"] == "method=l1" and (l1["runs"], l1["finished"]) == (2, 2)
+    assert compare.setting_of("a=1,method.steps=[{name: l1, rate: 0.5}],seed=3", ["seed"]) == "a=1,method.steps=[{name: l1, rate: 0.5}]"
+    assert l1["top1_mean"] == pytest.approx(80.4) and l1["top1_std"] == pytest.approx(0.2828, abs=1e-4)
+    assert (cfdp["top1_min"], cfdp["top1_max"], cfdp["pre_top1"]) == (70.0, 72.0, 11.0)
+    assert cfdp["top1_std"] == pytest.approx(1.0)
+    code, out, err = run_main(monkeypatch, capsys, "report", str(root), "--summary", "--mean-over", "seed",
+                              "-o", str(tmp_path / "m.md"))
+    assert code == 0, err
+    assert out.strip().endswith(f"5 runs in 2 settings (over seed) -> {tmp_path / 'm.md'}")
+    assert "| method=cfdp" in (tmp_path / "m.md").read_text()
+    code, out, err = run_main(monkeypatch, capsys, "report", str(root), "--summary", "--mean-over", " , ")
+    assert code == 2 and err.strip() == "error: --mean-over: name at least one override key (e.g. --mean-over seed)"
