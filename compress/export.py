@@ -193,10 +193,12 @@ def _num_classes(arch: str, state_dict: dict) -> int:
 
     probe = models.build(arch, 10)
     last = [name for name, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
-    weight = state_dict.get(f"{last}.weight")
-    if weight is None or weight.dim() != 2:
+    # `<last>.weight`, or its parametrized original (`<last>.parametrizations.weight.original`: quantised)
+    weights = [v for k, v in state_dict.items() if k.startswith(f"{last}.") and k.endswith(("weight", "original"))
+               and getattr(v, "dim", lambda: 0)() == 2]
+    if not weights:
         raise CompressError(f"export: the saved {arch} has no classifier weight '{last}.weight'")
-    return int(weight.shape[0])
+    return int(weights[0].shape[0])
 
 
 def load_saved(path: Path) -> Saved:

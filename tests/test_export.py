@@ -116,3 +116,9 @@ def test_export_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkey
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "junk.pt"]  # nothing written
+
+
+def test_a_quantised_model_pt_names_its_classes_through_the_parametrized_weight():
+    state = compressed("quant", **CASES["quant"]).state_dict()
+    assert "linear.weight" not in state and "linear.parametrizations.weight.original" in state
+    assert export._num_classes("resnet20", state) == 10
