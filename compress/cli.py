@@ -435,7 +435,7 @@ def plot_runs(argv: list[str]) -> None:
 
 def export_model(argv: list[str]) -> None:
     """`compress export PATH`: the run's model as an ONNX or TorchScript file, checked against PyTorch."""
-    from compress import export
+    from compress import export, sources
 
     p = _parser("compress export", "Write a run's compressed model as a deployable file and check its outputs.")
     p.add_argument("path", type=Path, help="a run dir (its model.pt) or a model.pt file")
@@ -448,10 +448,10 @@ def export_model(argv: list[str]) -> None:
         _fail(f"--images: {args.images} is not in [1, 10000]")
     if not 0 <= args.tolerance < float("inf"):
         _fail(f"--tolerance: {args.tolerance} is not a number >= 0")
-    saved = export.load_saved(args.path)
+    saved = sources.load_saved(args.path)
     folder = args.path if args.path.is_dir() else args.path.parent
     output = args.output or folder / ("model.onnx" if args.format == "onnx" else "model.torchscript.pt")
-    images, images_from = export.check_images(saved, args.images)
+    images, images_from = sources.check_images(saved, args.images)
     done = export.export(saved.model, args.format, output, saved.input_shape, images, images_from, args.tolerance)
     print(f"{done.path}: {done.fmt}, {done.size_bytes:,} bytes ({saved.arch}, method {saved.method}); "
           f"checked on {done.images_from}: {done.criterion}")

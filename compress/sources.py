@@ -6,6 +6,9 @@
 - "random": the architecture's random initial weights (smoke runs);
 - null: trained here with the `pretrain` schedule, once, and cached under `paths.cache/pretrained`
   (an interrupted pretraining resumes from its last epoch).
+
+And a finished run's model for `compress export` (`load_saved`: a run dir or its model.pt, with the run's
+input shape, and real test images to check the exported file on when the run's data can be found).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -102,3 +106,86 @@ def starting_model(config, data: Data, device: torch.device) -> nn.Module:
     if spec == "torchvision":
         return from_torchvision(arch, data.num_classes)
     return from_file(spec, arch, data.num_classes, config.paths.weights, cache)
+
+
+# -- a finished run's model, for `compress export` ---------------------------------------------------------
+@dataclasses.dataclass
+class Saved:
+    model: nn.Module
+    arch: str
+    method: str
+    input_shape: tuple[int, int, int]
+    config: dict | None  # the run's resolved config (.hydra/config.yaml), when PATH is or sits in a run dir
+
+
+def _run_config(run_dir: Path) -> dict | None:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:
+        raise CompressError(f"{path}: not a readable run config ({type(e).__name__})") from None
+    return config if isinstance(config, dict) else None
+
+
+def _num_classes(arch: str, state_dict: dict) -> int:
+    """The classifier's width, read from the saved weights (the last Linear of the architecture)."""
+    probe = models.build(arch, 10)
+    last = [name for name, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
+    # `<last>.weight`, or its parametrized original (`<last>.parametrizations.weight.original`: quantised)
+    weights = [v for k, v in state_dict.items() if k.startswith(f"{last}.") and k.endswith(("weight", "original"))
+               and getattr(v, "dim", lambda: 0)() == 2]
+    if not weights:
+        raise CompressError(f"export: the saved {arch} has no classifier weight '{last}.weight'")
+    return int(weights[0].shape[0])
+
+
+def load_saved(path: Path) -> Saved:
+    """A run dir (its model.pt) or a model.pt file, restored into its compressed form."""
+    if path.is_dir():
+        run_dir, file = path, path / "model.pt"
+        if not file.is_file():
+            raise CompressError(f"{path}: no model.pt (the run has not finished: resume it with resume=true)")
+    elif path.is_file():
+        run_dir, file = path.parent, path
+    else:
+        raise CompressError(f"{path}: no such file or directory")
+    packed = checkpoints.read(file)
+    if packed.get("format") != checkpoints.FORMAT or not isinstance(packed.get("state_dict"), dict):
+        raise CompressError(f"{file}: not a model.pt written by `compress run` (format {packed.get('format')!r})")
+    arch = packed.get("arch")
+    if arch not in models.names():
+        raise CompressError(f"{file}: holds an unknown architecture {arch!r}")
+    config = _run_config(run_dir)
+    dataset = (config or {}).get("dataset") or {}
+    image_size = int(dataset.get("image_size") or (224 if str(arch).endswith("_imagenet") else 32))
+    input_shape = tuple(packed.get("input_shape") or (3, image_size, image_size))
+    model = unpack(packed, arch, _num_classes(arch, packed["state_dict"]))
+    return Saved(model.eval(), arch, packed.get("method", ""), input_shape, config)
+
+
+def check_images(saved: Saved, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """`count` real test images, normalised as in training, when the run's data can be found; otherwise
+    seeded random inputs (and the returned label says which)."""
+    config = saved.config or {}
+    dataset, arch, paths = config.get("dataset"), config.get("arch") or {}, config.get("paths") or {}
+    if dataset and dataset.get("name") != "synthetic" and arch.get("mean") and arch.get("std"):
+        from compress import data as datasets
+        from compress.config import DatasetConfig
+
+        try:
+            fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+            cfg = DatasetConfig(**{k: v for k, v in dataset.items() if k in fields})
+            search = [p for p in paths.get("data") or [] if isinstance(p, str) and "${" not in p] + ["data", "../shared"]
+            cache = Path(os.environ.get("COMPRESS_CACHE", "~/.cache/compress")).expanduser()
+            loaded = datasets.load(cfg, mean=arch["mean"], std=arch["std"], search=search, cache_dir=cache,
+                                   device=torch.device("cpu"), channels_last=False)
+            images, _ = next(loaded.test.batches(count))
+            return images, f"{len(images)} test images of {loaded.source}"
+        except CompressError:
+            pass  # no data here: the check still runs, on random inputs
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(count, *saved.input_shape, generator=g), f"{count} random inputs (no data set found)"

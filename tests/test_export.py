@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress import CompressError, cli, export, models
+from compress import CompressError, cli, export, models, sources
 from compress.config import compose
 from compress.layers.quant import ActivationFakeQuant
 from compress.methods import get
@@ -121,4 +121,4 @@ def test_export_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkey
 def test_a_quantised_model_pt_names_its_classes_through_the_parametrized_weight():
     state = compressed("quant", **CASES["quant"]).state_dict()
     assert "linear.weight" not in state and "linear.parametrizations.weight.original" in state
-    assert export._num_classes("resnet20", state) == 10
+    assert sources._num_classes("resnet20", state) == 10
