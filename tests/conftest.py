@@ -45,6 +45,13 @@ def shared_missing() -> str | None:
 needs_shared = pytest.mark.shared
 
 
+def pytest_configure(config):
+    # One intra-op thread for the whole session (the `threads` fixture below pins it for a test that needs
+    # it whatever ran before): results that depend on the order of floating-point reductions are then the
+    # same on every machine, and the suite beside other work on a small machine does not oversubscribe it.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     reason = shared_missing()
     if reason is None:

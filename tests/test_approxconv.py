@@ -34,7 +34,6 @@ from compress.methods.base import Context
 from tests.contexts import cpu_context
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-torch.set_num_threads(1)
 
 
 class TinyResNet(nn.Module):

@@ -22,7 +22,6 @@ from compress.methods.base import Context
 from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 
-torch.set_num_threads(1)
 
 
 def ctx() -> Context:

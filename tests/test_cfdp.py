@@ -17,7 +17,6 @@ from tests.contexts import cpu_context
 from compress.models import build
 from tests.cfdp_oracles import loop_scores, paper_map_score, reference_map_score
 
-torch.set_num_threads(1)
 
 
 def random_maps(n: int, c: int, size: int, seed: int, relu: bool = False) -> torch.Tensor:

@@ -33,7 +33,6 @@ from compress.rounds import IterativeSchedule
 from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 
-torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 F64 = torch.float64
 # ResNet-20's stage-3 convs of stride 1 (64 -> 64, 36,864 weights each), deepest first: the default FGF

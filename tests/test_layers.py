@@ -16,7 +16,6 @@ from torch.nn.utils import parametrize, prune
 from compress.layers import bake_parametrized, deployable, fgf, masks, quant, series
 from compress.layers.quant import ActivationFakeQuant
 
-torch.set_num_threads(1)
 LAYERS = Path(__file__).resolve().parents[1] / "compress" / "layers"
 X = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -16,7 +16,6 @@ from compress.models.cifar_resnet import ShortcutA
 from compress.prune import engine
 from compress.prune.rates import RateSpec
 
-torch.set_num_threads(1)
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 

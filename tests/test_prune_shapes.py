@@ -10,7 +10,6 @@ from compress.methods.structured import L1Options, L1Pruning
 from tests.contexts import cpu_context
 from compress.models import build
 
-torch.set_num_threads(1)
 
 
 def pruned(arch: str, rate: str) -> nn.Module:

@@ -18,7 +18,6 @@ from tests.contexts import cpu_context
 from compress.methods import scap
 from compress.methods.scap import SCAP, SCAPOptions
 
-torch.set_num_threads(1)
 
 # Small and fast: the autoencoder sees few spectra for few epochs.
 FAST = dict(ae_hidden=4, ae_epochs=3, ae_samples=256, ae_batch_size=64, batches=2, batch_size=4)
