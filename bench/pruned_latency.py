@@ -19,7 +19,7 @@ import sys
 import torch
 
 from compress import export
-from compress.measure import _forward, _ort_call, count_macs, count_params, interleaved_ms
+from compress.measure import count_macs, count_params, forward_call, interleaved_ms, ort_call
 from compress.methods.base import Context
 from compress.methods.structured import L1Options, L1Pruning
 from compress.models import build
@@ -65,10 +65,10 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             if runtime == "ort":
                 x = torch.randn(batch, *shape)
-                calls = [_ort_call(s, x) for s in sessions]
+                calls = [ort_call(s, x) for s in sessions]
             else:
                 x = torch.randn(batch, *shape).contiguous(memory_format=fmt)
-                calls = [_forward(dense, x), _forward(pruned, x)]
+                calls = [forward_call(dense, x), forward_call(pruned, x)]
             timed = interleaved_ms(calls, args.repeats, args.threads)
             speedup = timed.speedup[1]
             quotients[runtime, batch] = speedup / macs_ratio

@@ -106,8 +106,6 @@ def _check_parallel_threads(parsed, cfg) -> None:
     run one thread per core, and oversubscribed cores made a step up to 8x slower on the 2-core CI machine."""
     launcher = next((o.value() for o in parsed if o.key_or_group == "hydra/launcher"), None)
     if launcher in PARALLEL_LAUNCHERS and cfg.get("threads") is None:
-        import os
-
         jobs = next((o.value() for o in parsed if o.key_or_group == "hydra.launcher.n_jobs"), None) or 2
         share = max(1, (os.cpu_count() or 1) // int(jobs)) if str(jobs).lstrip("-").isdigit() and int(jobs) > 0 else 1
         _fail(f"threads: hydra/launcher={launcher} runs several runs at once; give each its share of the cores "
@@ -242,7 +240,6 @@ def _task(cfg) -> None:
         # Rows say which experiment and overrides made them, so the runs of a sweep can be told apart.
         Run(to_config(cfg), run_dir, experiment=hc.runtime.choices.get("experiment") or "",
             overrides=hc.job.override_dirname).execute()
-        distributed.teardown()
     except CompressError as e:
         _to_log_file(f"error: {e}")
         _fail(str(e))
@@ -257,18 +254,17 @@ def _task(cfg) -> None:
         _to_log_file(f"error: {msg}")
         _fail(msg)
     except KeyboardInterrupt:
-        distributed.teardown()
         log.warning("interrupted; files in %s are complete: continue with resume=true hydra.run.dir=%s", run_dir, run_dir)
         print(f"interrupted: continue with: compress run <same overrides> resume=true hydra.run.dir={run_dir}",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.teardown()  # leave torchrun's process group (a no-op in one process)
 
 
 def _data_parallel_argv(argv: list[str]) -> list[str]:
     """Under torchrun (compress/distributed.py): one run, in one run dir that every rank names, whose
     .hydra/ and log rank 0 alone writes."""
-    import os
-
     from compress import distributed
 
     try:

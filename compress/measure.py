@@ -73,7 +73,7 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, int, int], batch: int, 
     `model` is used as it is (give it a deployable CPU copy in eval mode: `compress.layers.deployable`).
     """
     x = torch.randn(batch, *input_shape).contiguous(memory_format=torch.channels_last)
-    timed = interleaved_ms([_forward(model, x)], repeats, threads)
+    timed = interleaved_ms([forward_call(model, x)], repeats, threads)
     return timed.median_ms[0], timed.iqr_ms[0]
 
 
@@ -109,14 +109,14 @@ def interleaved_ms(calls: Sequence[Callable[[], Any]], repeats: int = 7, threads
         speedup=[statistics.median(base / own for base, own in zip(times[0], t)) for t in times])
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+def forward_call(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     def call():
         with torch.inference_mode():
             return model(x)
     return call
 
 
-def _ort_call(session, x: torch.Tensor) -> Callable[[], Any]:
+def ort_call(session, x: torch.Tensor) -> Callable[[], Any]:
     feed = {"images": x.contiguous().numpy()}
     return lambda: session.run(None, feed)
 
@@ -127,23 +127,24 @@ def serialized_size(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def _plain(model: nn.Module) -> nn.Module:
+def deployable_cpu(model: nn.Module) -> nn.Module:
+    """The form that is timed and counted: `compress.layers.deployable` on the CPU, eval mode, channels_last."""
     from compress.layers import deployable
 
     return deployable(model).cpu().eval().to(memory_format=torch.channels_last)
 
 
-def latency_columns(model: nn.Module, input_shape: tuple[int, int, int], *, reference: nn.Module | None,
+def latency_columns(deploy: nn.Module, input_shape: tuple[int, int, int], *, reference: nn.Module | None,
                     repeats: int, threads: int | None = None, ort: bool = False) -> dict:
-    """latency_ms_b1/_b64 (+ iqr) of `model`'s deployable form and, beside a `reference` (the baseline),
-    speedup_b1/_b64 timed in alternation with it; with `ort`, ort_latency_ms_b1 and ort_speedup_b1 of both
-    exported to ONNX and run by ONNX Runtime. Without a reference (the baseline row) the speed-ups are 1."""
-    deploy = _plain(model)
-    pair = [_plain(reference), deploy] if reference is not None else [deploy]
+    """latency_ms_b1/_b64 (+ iqr) of a deployable model (`deployable_cpu`) and, beside a `reference` (the
+    baseline, deployable too), speedup_b1/_b64 timed in alternation with it; with `ort`, ort_latency_ms_b1 and
+    ort_speedup_b1 of both exported to ONNX and run by ONNX Runtime. Without a reference (the baseline row)
+    the speed-ups are 1."""
+    pair = [reference, deploy] if reference is not None else [deploy]
     columns = {}
     for batch in (1, 64):
         x = torch.randn(batch, *input_shape).contiguous(memory_format=torch.channels_last)
-        timed = interleaved_ms([_forward(m, x) for m in pair], repeats, threads)
+        timed = interleaved_ms([forward_call(m, x) for m in pair], repeats, threads)
         columns[f"latency_ms_b{batch}"] = round(timed.median_ms[-1], 3)
         columns[f"latency_iqr_ms_b{batch}"] = round(timed.iqr_ms[-1], 3)
         columns[f"speedup_b{batch}"] = round(timed.speedup[-1], 3)
@@ -152,7 +153,7 @@ def latency_columns(model: nn.Module, input_shape: tuple[int, int, int], *, refe
 
         sessions = [export.ort_session(export.onnx_bytes(m, input_shape), threads) for m in pair]
         x = torch.randn(1, *input_shape)
-        timed = interleaved_ms([_ort_call(s, x) for s in sessions], repeats, threads)
+        timed = interleaved_ms([ort_call(s, x) for s in sessions], repeats, threads)
         columns["ort_latency_ms_b1"] = round(timed.median_ms[-1], 3)
         columns["ort_speedup_b1"] = round(timed.speedup[-1], 3)
     return columns
@@ -166,12 +167,13 @@ def model_costs(model: nn.Module, input_shape: tuple[int, int, int], *, storage_
                 latency: bool, latency_repeats: int, threads: int | None = None, reference: nn.Module | None = None,
                 ort: bool = False) -> dict:
     """The cost columns of a metrics row. `storage_bytes`: the method's own storage format, if any;
-    `reference`: the baseline model the speed-ups are measured against (see `latency_columns`)."""
+    `reference`: the baseline's `deployable_cpu` form, which the speed-ups are measured against."""
+    deploy = deployable_cpu(model)  # one copy for the MACs and the timings
     costs = {"params": count_params(model), "params_nonzero": count_nonzero(model),
-             "macs": count_macs(_plain(model), input_shape)}
+             "macs": count_macs(deploy, input_shape)}
     costs.update(dict.fromkeys(LATENCY_COLUMNS, float("nan")))
     if latency:
-        costs.update(latency_columns(model, input_shape, reference=reference, repeats=latency_repeats,
+        costs.update(latency_columns(deploy, input_shape, reference=reference, repeats=latency_repeats,
                                      threads=threads, ort=ort))
     costs["size_bytes"] = storage_bytes if storage_bytes is not None else serialized_size(model)
     return costs

@@ -225,27 +225,28 @@ class Run:
         test = self._evaluate(model, self.data.test, f"{stage} test")
         val = self._evaluate(model, self.data.val, f"{stage} val")
         m = self.config.measure
+        timed = m.latency and distributed.is_main()  # data-parallel: rank 0's row is the one kept
         row = {"run_id": self.ledger.run_id, **self.labels, "method": self.method.name, "arch": self.arch,
                "dataset": self.data.name, "seed": self.config.seed, "stage": stage, "status": status,
                "top1": round(test["top1"], 3), "top5": round(test["top5"], 3), "loss": round(test["loss"], 5),
                "val_top1": round(val["top1"], 3), "val_from": self.data.val_from,
                **measure.model_costs(model, self.data.image_shape, storage_bytes=self.method.storage_bytes(model),
-                                     latency=m.latency and distributed.is_main(),  # rank 0's row is the one kept
-                                     latency_repeats=m.latency_repeats, threads=self.config.threads,
-                                     reference=self._latency_reference(stage, model) if m.latency and distributed.is_main() else None,
+                                     latency=timed, latency_repeats=m.latency_repeats, threads=self.config.threads,
+                                     reference=self._latency_reference(stage, model) if timed else None,
                                      ort=m.ort_latency)}
         row["wall_s"] = round(time.perf_counter() - started, 2)
         return results.with_reductions(row, self.ledger.baseline or row)
 
     def _latency_reference(self, stage: str, model: nn.Module) -> nn.Module | None:
-        """The baseline the speed-ups are timed against: the model as loaded (None for the baseline row
-        itself). On resume it is loaded again from `arch.checkpoint` (the teacher, when distilling)."""
+        """The baseline the speed-ups are timed against, in its timed form, made once: the model as loaded
+        (None for the baseline row itself). On resume it is loaded again from `arch.checkpoint` (the
+        teacher, when distilling)."""
         if stage == "baseline":
-            self._reference = layers.clone(model).cpu().eval()
+            self._reference = measure.deployable_cpu(model)
             return None
         if self._reference is None:
             loaded = self.teacher if self.teacher is not None else sources.starting_model(self.config, self.data, self.device)
-            self._reference = layers.clone(loaded).cpu().eval()
+            self._reference = measure.deployable_cpu(loaded)
         return self._reference
 
     def _rounds_summary(self) -> dict:
