@@ -10,6 +10,7 @@ ONNX Runtime at batch 1; the exit status is 1 when it is missed and `--check` is
     .venv/bin/python bench/pruned_latency.py --target-macs 0.47 --allocation global   # ~2.1x fewer MACs
     .venv/bin/python bench/pruned_latency.py --arch vgg16_bn --rate "[0.21]*7+[0.75]*5" --threads 2
     .venv/bin/python bench/pruned_latency.py --target-macs 0.47 --runtimes ort --batches 1 --check
+    .venv/bin/python bench/pruned_latency.py --target-macs 0.47 --round-to 8 --runtimes ort --batches 1
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--target-macs", type=float, default=None,
                         help="method.target_macs instead of --rate (fraction of the MACs to keep, e.g. 0.47)")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"), help="with --target-macs")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="method.round_to: every pruned width a multiple of this (e.g. 8)")
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--runtimes", default="eager,ort", help="comma-separated: eager (PyTorch), ort (ONNX Runtime)")
@@ -45,14 +48,15 @@ def main() -> None:
     shape = (3, 32, 32)
     dense = build(args.arch, 10).eval()
     ctx = Context(device=torch.device("cpu"), arch=args.arch, num_classes=10, input_shape=shape)
-    options = (L1Options(target_macs=args.target_macs, allocation=args.allocation) if args.target_macs
-               else L1Options(compress_rate=args.rate))
+    options = (L1Options(target_macs=args.target_macs, allocation=args.allocation, round_to=args.round_to)
+               if args.target_macs else L1Options(compress_rate=args.rate, round_to=args.round_to))
     pruned = L1Pruning(options).compress(build(args.arch, 10).eval(), ctx).eval()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     dense, pruned = dense.to(memory_format=fmt), pruned.to(memory_format=fmt)
     macs = {"dense": count_macs(dense, shape), "pruned": count_macs(pruned, shape)}
     macs_ratio = macs["dense"] / macs["pruned"]
     budget = f"target_macs {args.target_macs} ({args.allocation})" if args.target_macs else f"rate {args.rate}"
+    budget += f", round_to {args.round_to}" if args.round_to > 1 else ""
     print(f"{args.arch} {budget}: params {count_params(dense) / 1e6:.3f}M -> {count_params(pruned) / 1e6:.3f}M, "
           f"MACs {macs['dense'] / 1e6:.2f}M -> {macs['pruned'] / 1e6:.2f}M (ratio {macs_ratio:.3f}); "
           f"threads {args.threads}, {'channels_last' if args.channels_last else 'contiguous'}, median of {args.repeats}")

@@ -305,7 +305,9 @@ def run(argv: list[str]) -> None:
 def report(argv: list[str]) -> None:
     from compress.results import gather
 
-    p = argparse.ArgumentParser(prog="compress report", description="Gather every metrics.csv below DIRs.")
+    p = _parser("compress report", "Gather every metrics.csv below DIRs (one line per stage).")
+    p.epilog = ("--summary [--mean-over KEYS]: one line per run instead (mean and spread over the runs that "
+                "differ only in KEYS, e.g. seed); see `compress report --summary --help`")
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("report.csv"), help="CSV to write (default report.csv)")
     p.add_argument("--columns", default="run_dir,experiment,overrides,method,arch,stage,status,top1,top1_delta,params,params_reduction_pct,"

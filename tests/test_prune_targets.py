@@ -275,3 +275,56 @@ def test_threshold_without_target_is_unchanged():
         model.layer3[2].conv1.weight[:10] *= 1e4
     pruned = l1(compress_rate={"layer3.2.conv1": 1.0}, threshold=1.0).compress(model, context("resnet20"))
     assert pruned.layer3[2].conv1.out_channels == 10
+
+
+# -- method.round_to (issue 15: widths the CPU runtimes' vector kernels like) --------------------------------
+def test_block_sizes_leave_multiples_of_the_unit():
+    assert allocation.block_sizes(20, 8, 8).tolist() == [4.0, 8.0]  # 20 -> 16 -> 8
+    assert allocation.block_sizes(64, 16, 16).tolist() == [16.0, 16.0, 16.0]
+    assert allocation.block_sizes(16, 16, 8).numel() == 0 and allocation.block_sizes(5, 5, 8).numel() == 0
+    assert allocation.block_sizes(7, 3, 1).tolist() == [1.0] * 4
+    # floors are rounded up to the unit, and a group narrower than it keeps everything
+    assert allocation.floor_channels(64, 64, 1.0, 0.1, 8) == 8
+    assert allocation.floor_channels(5, 5, 1.0, 0.1, 8) == 5
+
+
+@pytest.mark.parametrize("arch, alloc", [("resnet56", "uniform"), ("resnet56", "global"), ("vgg16_bn", "global")])
+def test_round_to_keeps_every_pruned_width_a_multiple_and_meets_the_target(arch, alloc):
+    baseline = model_of(arch)
+    pruned = l1(target_macs=0.47, allocation=alloc, round_to=8).compress(model_of(arch), context(arch))
+    new, old = widths(pruned), widths(baseline)
+    assert all(w % 8 == 0 for w in new.values()), sorted(set(new.values()))
+    assert sum(new.values()) < sum(old.values())
+    assert abs(ratio(pruned, "macs", baseline) / 0.47 - 1) <= allocation.TOLERANCE
+
+
+def test_round_to_rounds_a_rate_spec_up_and_spares_narrow_groups():
+    rate = "[0.]+[0.18]*29"  # HRank's ResNet-56 layout: every block's conv1 loses 18 %
+    plain = widths(l1(compress_rate=rate).compress(model_of("resnet56"), context("resnet56")))
+    rounded = widths(l1(compress_rate=rate, round_to=8).compress(model_of("resnet56"), context("resnet56")))
+    inner = lambda w: sorted({v for n, v in w.items() if n.endswith("conv1") and n != "conv1"})  # noqa: E731
+    assert inner(plain) == [13, 26, 52]  # int(16 * 0.82), int(32 * 0.82), int(64 * 0.82)
+    assert inner(rounded) == [16, 32, 56]  # each rounded up to a multiple of 8
+    wide = widths(l1(target_macs=0.8, allocation="global", round_to=32).compress(model_of("resnet56"),
+                                                                                 context("resnet56")))
+    assert {w for n, w in wide.items() if n.startswith("layer1")} == {16}  # narrower than 32: not pruned
+    assert set(wide.values()) <= {16, 32, 64} and min(w for n, w in wide.items() if n.startswith("layer3")) == 32
+
+
+def test_round_to_rounds_take_whole_blocks():
+    ctx = context("resnet56")
+    method = l1(compress_rate=0.5, step_rate=0.05, round_to=8)
+    model = method.prepare(model_of("resnet56"), ctx)
+    before = widths(model)
+    after = widths(method.step(model, ctx, 1, 1.0))
+    # 5 % of 16 is under one channel: a whole block of 8 goes anyway, and every width stays a multiple
+    assert all(w % 8 == 0 for w in after.values())
+    assert any(after[n] == before[n] - 8 for n in before if before[n] == 16)
+    assert all(after[n] >= before[n] // 2 for n in before)  # never past the rate's final width
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, True, "8"])
+def test_round_to_must_be_a_positive_integer(value):
+    with pytest.raises(CompressError) as err:
+        L1Options(round_to=value)
+    assert str(err.value).startswith("method.round_to:") and "\n" not in str(err.value)

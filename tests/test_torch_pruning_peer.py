@@ -175,6 +175,8 @@ def test_meta_and_restore_rebuild_the_pruned_model(arch, allocation):
     (dict(min_keep=0.0), "min_keep"),
     (dict(batches=0), "batches"),
     (dict(batch_size=True), "batch_size"),
+    (dict(round_to=0), "round_to"),
+    (dict(target_macs=0.5, allocation="global", round_to=8), "round_to"),
 ])
 def test_bad_options_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(CompressError) as info:
@@ -213,3 +215,10 @@ def test_smoke_run_through_the_cli_writes_the_rows_and_a_reloadable_model(tmp_pa
     with (again / "metrics.csv").open() as f:
         reloaded = list(csv.DictReader(f))
     assert (reloaded[0]["params"], reloaded[0]["macs"]) == (rows[2]["params"], rows[2]["macs"])
+
+
+def test_round_to_keeps_uniform_widths_multiples_of_it():
+    before, model, _ = prune("resnet20", target_macs=0.5, allocation="uniform", round_to=8)
+    new = widths(model)
+    assert all(w % 8 == 0 for w in new.values()) and sum(new.values()) < sum(widths(before).values())
+    assert count_macs(model, SHAPE) / count_macs(before, SHAPE) == pytest.approx(0.5, abs=0.05)

@@ -13,7 +13,7 @@ Importance (higher = keep) is built on one [0, 1] scale in every layer, whatever
 `importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)`, minmax taken over the
 channels of a layer (the layer's most compressible channel 0, its least compressible 1; l1: filter L1
 norms). Convs tied by residual additions share one channel group: their two terms are averaged over the
-group's convs and min-maxed again over the group before fusing (`SCAP._group_scores`), so every group
+group's convs and min-maxed again over the group before fusing (`SCAP.group_scores`), so every group
 spans [0, 1] too. Channels whose importance is >= `threshold` are kept: 0 keeps all, larger prunes
 more, 1 keeps only each group's best. A layer whose values are all equal gives every channel 1 (keep).
 A silent channel (maps next to zero on every calibration image, e.g. ReLU-dead) gets no fidelity (NaN):
@@ -573,15 +573,11 @@ class SCAP(StructuredPruning):
         fidelity, l1 = self.layer_terms(model, ctx, layers)
         return {name: fuse(fidelity[name], l1[name], self.l1_weight) for name in layers}
 
-    def _group_scores(self, model, ctx, plan, targets: dict[str, int]) -> dict[str, torch.Tensor]:
+    def group_scores(self, model, ctx, plan, groups, layers) -> dict[str, torch.Tensor]:
         """Importance per channel group on [0, 1]: each term averaged over the group's convs (the engine's
         `group_scores`), min-maxed again over the group, then fused. A one-conv group gets exactly its
         layer's `channel_scores`; a coupled group (residual additions) spans [0, 1] as well, so the one
         `threshold` means the same in both."""
-        groups = [g for g, keep in targets.items() if keep < plan.channels[g]]
-        layers = {name: plan.convs[name] for g in groups for name in plan.members[g]}
-        if not layers:
-            return {}
         fidelity, l1 = self.layer_terms(model, ctx, layers)
         fidelity_g, l1_g = plan.group_scores(fidelity, groups), plan.group_scores(l1, groups)
         return {g: fuse(minmax(fidelity_g[g]), minmax(l1_g[g]), self.l1_weight) for g in groups}

@@ -56,7 +56,7 @@ from compress.methods.base import Context, Method, MethodOptions
 from compress.prune import allocation, engine
 from compress.prune.features import FEATURES, feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
-from compress.prune.rates import RateSpec, paper_rate
+from compress.prune.rates import RateSpec, paper_rate, round_down, round_up
 
 
 ALLOCATIONS = ("uniform", "global")
@@ -111,6 +111,9 @@ class StructuredOptions(MethodOptions):
     allocation: str = "uniform"
     # global allocation: the fraction of its channels every group keeps at least
     min_keep: float = 0.1
+    # every pruned group keeps a multiple of this many channels (Torch-Pruning's round_to; 8 or 16 suit
+    # the vectorised convolution kernels of CPU runtimes); groups narrower than it are not pruned. 1: off
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         # Not a field: the parsed form of `compress_rate` (None = "paper"), for the method.
@@ -132,6 +135,7 @@ class StructuredOptions(MethodOptions):
         require_choice(self.allocation, "method.allocation", ALLOCATIONS)
         require(is_number(self.min_keep) and 0 < self.min_keep <= 1, "method.min_keep", "a number in (0, 1]",
                 self.min_keep)
+        require(is_count(self.round_to), "method.round_to", "an integer >= 1 (1: widths not rounded)", self.round_to)
 
 
 class StructuredPruning(Method):
@@ -182,7 +186,7 @@ class StructuredPruning(Method):
         plan = self._plan(model, ctx)
         targets = plan.target_keep()
         group_scores = self._group_scores(model, ctx, plan, targets)
-        keep = plan.keep_counts(targets, group_scores, self.threshold)
+        keep = self._rounded(plan, plan.keep_counts(targets, group_scores, self.threshold))
         engine.prune_groups(model, plan, group_scores, keep)
         ctx.log.info("%s: %s", self.name, engine.describe(model, plan, self._original_channels))
         return model
@@ -202,17 +206,24 @@ class StructuredPruning(Method):
         plan = self._plan(model, ctx)
         final = plan.target_keep(self._original_channels)
         group_scores = self._group_scores(model, ctx, plan, final)
-        final = plan.keep_counts(final, group_scores, self.threshold)
+        final = self._rounded(plan, plan.keep_counts(final, group_scores, self.threshold))
+        unit = self.options.round_to
         keep: dict[str, int] = {}
         for group, target in final.items():
             current = plan.channels[group]
             remove = max(1, math.floor(current * self.step_rate * step_scale))
-            keep[group] = max(target, current - remove)
+            # with round_to, at least one block goes: the width rounded down, never under the final width
+            keep[group] = max(target, round_down(current - remove, unit))
         if all(keep[g] >= plan.channels[g] for g in keep):
             return None
         engine.prune_groups(model, plan, group_scores, keep)
         ctx.log.info("%s round %d: %s", self.name, round_index, engine.describe(model, plan, self._original_channels))
         return model
+
+    def _rounded(self, plan: "engine.PruningPlan", keep: dict[str, int]) -> dict[str, int]:
+        """`keep` with every count rounded up to a multiple of method.round_to (at most the group's width)."""
+        unit = self.options.round_to
+        return {g: round_up(k, plan.channels[g], unit) for g, k in keep.items()}
 
     def state_dict(self) -> dict:
         return {"original_channels": dict(self._original_channels), "baseline": dict(self._baseline)}
@@ -267,12 +278,12 @@ class StructuredPruning(Method):
         scores = None
         if self.options.allocation == "global":
             scores = self._group_scores(model, ctx, plan, floors)
-            order = allocation.global_order(cost, scores, floors)
+            events = allocation.global_order(cost, scores, floors, self.options.round_to)
         else:
-            order = allocation.uniform_order(cost, self._original_channels, floors)
-        removed = allocation.allocate(cost, order, goal)
-        if at_least_one and not removed.any():  # a round too small for one channel still takes one
-            removed = allocation.fill(cost, order, removed, final * (1 - allocation.AIM), current - 0.5, max_steps=1)
+            events = allocation.uniform_order(cost, self._original_channels, floors, self.options.round_to)
+        removed = allocation.allocate(cost, events, goal)
+        if at_least_one and not removed.any():  # a round too small for one event still takes one
+            removed = allocation.fill(cost, events, 0, final * (1 - allocation.AIM), current - 0.5, max_steps=1)
         keep = {g: plan.channels[g] - int(r) for g, r in zip(cost.groups, removed.tolist()) if r > 0}
         if not keep:
             return False
@@ -287,7 +298,7 @@ class StructuredPruning(Method):
         for group, rate in plan.rates.items():
             current = plan.channels[group]
             floor = allocation.floor_channels(self._original_channels.get(group, current), current, rate,
-                                              float(self.options.min_keep))
+                                              float(self.options.min_keep), self.options.round_to)
             if floor < current:
                 floors[group] = floor
         return floors
@@ -347,14 +358,21 @@ class StructuredPruning(Method):
             self._original_channels.setdefault(group, channels)
         return plan
 
+    def group_scores(self, model: nn.Module, ctx: Context, plan: "engine.PruningPlan", groups: list[str],
+                     layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
+        """Scores per channel group (name -> (channels,), higher = keep) of `groups`, whose convs are
+        `layers`. Default: the criterion's `channel_scores`, averaged over each group's convs. A criterion
+        whose terms must be combined per group overrides this hook (SCAP re-normalises each term over the
+        group before fusing them)."""
+        return plan.group_scores(self.channel_scores(model, ctx, layers), groups)
+
     def _group_scores(self, model, ctx, plan, targets: dict[str, int]) -> dict[str, torch.Tensor]:
         """Scores of the groups that will lose channels (one criterion call for all their convs)."""
         groups = [g for g, keep in targets.items() if keep < plan.channels[g]]
         layers = {name: plan.convs[name] for g in groups for name in plan.members[g]}
         if not layers:
             return {}
-        scores = self.channel_scores(model, ctx, layers)
-        return plan.group_scores(scores, groups)
+        return self.group_scores(model, ctx, plan, groups, layers)
 
 
 @dataclass

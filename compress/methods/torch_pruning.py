@@ -42,6 +42,7 @@ from compress.methods.base import Context, Method
 from compress.methods.structured import StructuredOptions
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune import engine
+from compress.prune.rates import round_up
 
 IMPORTANCES = ("group_l1", "group_taylor", "lamp", "bn_scale")
 # The pruned model lands within this fraction of the target (relative: |kept / target - 1| <= TOLERANCE).
@@ -95,6 +96,9 @@ class TorchPruningOptions(StructuredOptions):
         self.check(self.threshold is None, "threshold",
                    "null (Torch-Pruning ranks channels by importance; use target_macs / target_params)")
         require_choice(self.importance, "method.importance", IMPORTANCES)
+        self.check(self.round_to == 1 or self.allocation == "uniform", "round_to",
+                   "1 with allocation=global (TP's global ranking removes single channels; "
+                   "round_to applies to allocation=uniform, or use method=l1 with allocation=global)")
         self.check(is_count(self.batches), "batches", "an integer >= 1")
         self.check(is_count(self.batch_size), "batch_size", "an integer >= 1")
 
@@ -376,7 +380,9 @@ class _Search:
 
     # -- plans ------------------------------------------------------------------------------------------
     def uniform_keep(self, ratio: float) -> dict[str, int]:
-        return {g.root: min(g.channels, max(g.floor, int(g.channels * (1.0 - ratio) + 1e-9))) for g in self.groups}
+        unit = self.method.options.round_to  # each width a multiple of it (at most the group's width)
+        return {g.root: round_up(max(g.floor, int(g.channels * (1.0 - ratio) + 1e-9)), g.channels, unit)
+                for g in self.groups}
 
     def uniform(self, keep: dict[str, int]) -> _Plan:
         return _Plan("uniform", self.groups, dict(keep))

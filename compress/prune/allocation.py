@@ -12,10 +12,12 @@ Three parts, used by `StructuredPruning` when `method.target_macs` / `method.tar
   the real counter (`compress.measure`) at the current widths. For conv/linear/BN networks (the CIFAR
   ResNets, VGG, GoogLeNet, torchvision ResNets) the prediction equals `count_macs` / `count_params` of the
   pruned model exactly (tests/test_prune_targets.py).
-- Removal orders: every channel a group may lose is one event; `uniform_order` sorts the events by the
-  fraction of its original width the group has lost after it (so every prefix of the order leaves all
-  groups within one channel of one common rate), `global_order` by the channel's score divided by the
-  largest |score| of its group (`normalise`), lowest first.
+- Removal orders (`Events`): every channel a group may lose is one event; `uniform_order` sorts the
+  events by the fraction of its original width the group has lost after it (so every prefix of the order
+  leaves all groups within one channel of one common rate), `global_order` by the channel's score divided
+  by the largest |score| of its group (`normalise`), lowest first. With `unit > 1` (`method.round_to`)
+  an event removes a block of channels so that every width left is a multiple of `unit` (the first block
+  of a group whose width is not takes the remainder), ranked by the block's mean normalised score.
 - `allocate`: the prefix of the order whose cost is closest to the target, evaluated for every prefix at
   once (one cumulative sum and two matrix products, no loop over channels); when one event jumps across
   the target band (a residual stream's channel takes a few % of ResNet-56's MACs at once), the next
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from compress.prune.rates import keep_count
+from compress.prune.rates import keep_count, round_up
 
 TOLERANCE = 0.01  # a target is met when the measured cost is within 1 % of it (relative to the target)
 AIM = 0.005  # what the search aims at
@@ -49,12 +51,41 @@ def within(cost: float, target: float, tolerance: float = TOLERANCE) -> bool:
     return abs(cost - target) <= tolerance * target
 
 
-def floor_channels(original: int, current: int, rate: float, min_keep: float) -> int:
+def floor_channels(original: int, current: int, rate: float, min_keep: float, unit: int = 1) -> int:
     """The fewest channels a group may keep under a target: `min_keep` of its original width (rounded up),
     what its rate allows (`compress_rate` caps the fraction removed; rate 0: not pruned), at least one,
-    and never more than it has now."""
+    rounded up to a multiple of `unit`, and never more than it has now."""
     share = math.ceil(min_keep * original - 1e-9)  # 0.1 * 30 is 3.0000000000000004 in floats
-    return min(current, max(1, share, keep_count(original, rate)))
+    return round_up(max(1, share, keep_count(original, rate)), current, unit)
+
+
+def block_sizes(current: int, floor: int, unit: int = 1) -> torch.Tensor:
+    """Channels each successive removal takes from a group of `current` channels on its way down to
+    `floor` (a multiple of `unit`, or `current`), so that every width left is a multiple of `unit`: the
+    remainder `current % unit` first when there is one, then `unit` at a time. (n,) float64."""
+    if floor >= current:
+        return torch.zeros(0, dtype=_F64)
+    first = current % unit or unit
+    count = 1 + (current - first - floor) // unit
+    sizes = torch.full((count,), float(unit), dtype=_F64)
+    sizes[0] = first
+    return sizes
+
+
+@dataclass
+class Events:
+    """Removals in the order they are taken: event k removes `size[k]` channels of group `owner[k]`."""
+
+    owner: torch.Tensor  # (N,) long: group index
+    size: torch.Tensor  # (N,) float64: channels
+
+    def __len__(self) -> int:
+        return self.owner.numel()
+
+    def removed(self, groups: int) -> torch.Tensor:
+        """(N+1, G): channels removed from each group after each prefix of the events (row 0: none)."""
+        steps = F.one_hot(self.owner, groups).to(_F64) * self.size[:, None]
+        return torch.cat([torch.zeros(1, groups, dtype=_F64), steps.cumsum(0)])
 
 
 # -- the cost model ----------------------------------------------------------------------------------------
@@ -162,19 +193,20 @@ def _output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[int,
 
 
 # -- removal orders ----------------------------------------------------------------------------------------
-def uniform_order(cost: CostModel, original: dict[str, int], floors: dict[str, int]) -> torch.Tensor:
-    """Removal events (group indices), ordered by the fraction of its original width the group has lost
-    after each (ties: plan order). Groups absent from `floors` are not pruned."""
-    keys, owners = [], []
+def uniform_order(cost: CostModel, original: dict[str, int], floors: dict[str, int], unit: int = 1) -> Events:
+    """Removal events ordered by the fraction of its original width the group has lost after each (ties:
+    plan order). Groups absent from `floors` are not pruned; `unit`: see `block_sizes`."""
+    keys, owners, sizes = [], [], []
     for j, group in enumerate(cost.groups):
         current = int(cost.widths[j])
-        capacity = current - floors.get(group, current)
-        if capacity <= 0:
+        size = block_sizes(current, floors.get(group, current), unit)
+        if size.numel() == 0:
             continue
         orig = original.get(group, current)
-        keys.append((orig - current + torch.arange(1, capacity + 1, dtype=_F64)) / orig)
-        owners.append(torch.full((capacity,), j, dtype=torch.long))
-    return _sorted_events(keys, owners)
+        keys.append((orig - current + size.cumsum(0)) / orig)
+        owners.append(torch.full((size.numel(),), j, dtype=torch.long))
+        sizes.append(size)
+    return _sorted_events(keys, owners, sizes)
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -184,39 +216,45 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
     return scores / top if top > 0 else scores
 
 
-def global_order(cost: CostModel, scores: dict[str, torch.Tensor], floors: dict[str, int]) -> torch.Tensor:
+def global_order(cost: CostModel, scores: dict[str, torch.Tensor], floors: dict[str, int], unit: int = 1) -> Events:
     """Removal events ordered by normalised score, lowest first, across all groups in `scores`. Each
     group offers its `current - floor` lowest-scoring channels, in the engine's order (stable: lower index
-    first on ties), so a prefix of the order removes exactly the channels `engine.prune_groups` will."""
-    keys, owners = [], []
+    first on ties), so a prefix of the order removes exactly the channels `engine.prune_groups` will.
+    With `unit > 1` an event is a block of consecutive channels of that order, keyed by its mean."""
+    keys, owners, sizes = [], [], []
     for j, group in enumerate(cost.groups):
         if group not in scores:
             continue
         current = int(cost.widths[j])
-        capacity = current - floors.get(group, current)
-        if capacity <= 0:
+        size = block_sizes(current, floors.get(group, current), unit)
+        if size.numel() == 0:
             continue
         values = normalise(torch.nan_to_num(scores[group].double(), nan=-math.inf))
-        keys.append(torch.sort(values, stable=True).values[:capacity])
-        owners.append(torch.full((capacity,), j, dtype=torch.long))
-    return _sorted_events(keys, owners)
+        ranked = torch.sort(values, stable=True).values[: int(size.sum())]
+        block = torch.repeat_interleave(torch.arange(size.numel()), size.long())
+        # a block's key: the mean of its channels' scores (-inf when any is silent: it goes first)
+        key = torch.zeros(size.numel(), dtype=_F64).index_add_(0, block, ranked) / size
+        keys.append(key)
+        owners.append(torch.full((size.numel(),), j, dtype=torch.long))
+        sizes.append(size)
+    return _sorted_events(keys, owners, sizes)
 
 
-def _sorted_events(keys: list[torch.Tensor], owners: list[torch.Tensor]) -> torch.Tensor:
+def _sorted_events(keys: list[torch.Tensor], owners: list[torch.Tensor], sizes: list[torch.Tensor]) -> Events:
     if not keys:
-        return torch.zeros(0, dtype=torch.long)
+        return Events(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=_F64))
     order = torch.sort(torch.cat(keys), stable=True).indices
-    return torch.cat(owners)[order]
+    return Events(torch.cat(owners)[order], torch.cat(sizes)[order])
 
 
 # -- the search --------------------------------------------------------------------------------------------
-def allocate(cost: CostModel, order: torch.Tensor, target: float, aim: float = AIM) -> torch.Tensor:
-    """Channels to remove per group (G,), following `order`, so that the cost lands as close to `target`
+def allocate(cost: CostModel, events: Events, target: float, aim: float = AIM) -> torch.Tensor:
+    """Channels to remove per group (G,), following `events`, so that the cost lands as close to `target`
     as the order allows (within `aim` of it, relative, whenever possible)."""
     groups = len(cost.groups)
-    if order.numel() == 0:
+    if len(events) == 0:
         return torch.zeros(groups, dtype=_F64)
-    removed = torch.cat([torch.zeros(1, groups, dtype=_F64), F.one_hot(order, groups).to(_F64).cumsum(0)])
+    removed = events.removed(groups)
     prefix = cost.cost(cost.widths - removed)  # (N+1,), non-increasing: removing a channel never adds cost
     first_below = int((prefix > target).sum())  # the first prefix at or below the target
     options = [n for n in (first_below - 1, first_below) if 0 <= n < len(prefix)]
@@ -224,35 +262,43 @@ def allocate(cost: CostModel, order: torch.Tensor, target: float, aim: float = A
     lo, hi = target * (1 - aim), target * (1 + aim)
     if lo <= float(prefix[best]) <= hi or first_below == 0:
         return removed[best]
-    filled = fill(cost, order, removed[max(first_below - 1, 0)], lo, hi)
+    filled = fill(cost, events, max(first_below - 1, 0), lo, hi)
     miss = abs(float(cost.cost(cost.widths - filled)) - target)
     return filled if miss < abs(float(prefix[best]) - target) else removed[best]
 
 
-def fill(cost: CostModel, order: torch.Tensor, removed: torch.Tensor, lo: float, hi: float,
-         max_steps: int | None = None) -> torch.Tensor:
-    """From `removed` (G,), take single channels while the cost is above `hi`: each time the group whose
-    next event comes first in `order` among those whose removal keeps the cost >= `lo`."""
+def fill(cost: CostModel, events: Events, taken: int, lo: float, hi: float, max_steps: int | None = None) -> torch.Tensor:
+    """From the first `taken` events, take single further events while the cost is above `hi`: each time
+    the group whose next event comes first in the order among those whose removal keeps the cost >= `lo`.
+    Returns the channels removed per group (G,)."""
     groups = len(cost.groups)
-    removed = removed.clone()
-    counts = torch.bincount(order, minlength=groups)
-    # positions[j, k]: where group j's (k+1)-th event stands in the order (inf past its last)
+    owner = events.owner
+    counts = torch.bincount(owner, minlength=groups)
+    # positions[j, k] / sizes[j, k]: where group j's (k+1)-th event stands in the order (inf past its last)
+    # and how many channels it removes
     width = int(counts.max()) + 1
     positions = torch.full((groups, width), math.inf, dtype=_F64)
-    owner, where = torch.sort(order, stable=True)  # events grouped by group, each group's in order
-    rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[owner]
-    positions[owner, rank] = where.to(_F64)
-    eye = torch.eye(groups, dtype=_F64)
-    steps = len(order) if max_steps is None else max_steps
+    sizes = torch.zeros((groups, width), dtype=_F64)
+    grouped, where = torch.sort(owner, stable=True)  # events grouped by group, each group's in order
+    rank = torch.arange(len(owner)) - (counts.cumsum(0) - counts)[grouped]
+    positions[grouped, rank] = where.to(_F64)
+    sizes[grouped, rank] = events.size[where]
+    done = torch.bincount(owner[:taken], minlength=groups)  # events taken per group
+    removed = events.removed(groups)[taken]
+    rows = torch.arange(groups)
+    steps = len(owner) if max_steps is None else max_steps
     for _ in range(steps):  # a few steps in practice: the distance left is below one event's cost
         widths = cost.widths - removed
         if float(cost.cost(widths)) <= hi:
             break
-        after = cost.cost(widths - eye)  # (G,): the cost after one more channel of each group
-        taken = removed.long()
-        nxt = positions[torch.arange(groups), taken.clamp(max=width - 1)]
-        nxt = torch.where((taken < counts) & (after >= lo), nxt, torch.full_like(nxt, math.inf))
+        step = done.clamp(max=width - 1)
+        next_size = sizes[rows, step]
+        after = cost.cost(widths - torch.diag(next_size))  # (G,): the cost after each group's next event
+        nxt = positions[rows, step]
+        nxt = torch.where((done < counts) & (after >= lo), nxt, torch.full_like(nxt, math.inf))
         if not torch.isfinite(nxt).any():
             break
-        removed[int(torch.argmin(nxt))] += 1
+        j = int(torch.argmin(nxt))
+        removed[j] += next_size[j]
+        done[j] += 1
     return removed

@@ -115,6 +115,17 @@ def keep_count(channels: int, rate: float) -> int:
     return max(1, min(channels, int(channels * (1.0 - rate))))
 
 
+def round_up(count: int, current: int, unit: int) -> int:
+    """`count` channels rounded up to a multiple of `unit` (method.round_to, as Torch-Pruning's round_to),
+    never more than the `current` width: a group narrower than `unit` keeps all it has."""
+    return min(current, -(-count // unit) * unit)
+
+
+def round_down(count: int, unit: int) -> int:
+    """`count` rounded down to a multiple of `unit` (0 when under one unit)."""
+    return count // unit * unit
+
+
 @dataclass(frozen=True)
 class RateSpec:
     """A parsed `compress_rate`: exactly one of `uniform`, `patterns`, `listed` is set."""
