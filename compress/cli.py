@@ -416,10 +416,16 @@ def plot_runs(argv: list[str]) -> None:
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("plot.png"), help="FILE.png|.pdf|.svg (default plot.png)")
     p.add_argument("--published", type=Path, help="CSV of published rows (default: the package's table)")
+    p.add_argument("--rounds", action="store_true",
+                   help="each iterative run's course instead: top-1 and parameters removed, round by round")
     args = p.parse_args(argv)
     try:
         plot.check_output(args.output)
         runs = _runs_below(args.dirs)
+        if args.rounds:
+            drawn = plot.plot_rounds(runs, compare.load_published(args.published), args.output)
+            print(f"{drawn} run{'' if drawn == 1 else 's'}, round by round -> {args.output}")
+            return
         published = compare.load_published(args.published)
         table = compare.compare(runs, published)
         if table.empty:

@@ -164,3 +164,117 @@ def plot(compared, published, path: Path) -> int:
     except OSError as e:
         raise CompressError(f"{path}: cannot write ({e.strerror or e})") from None
     return len(archs)
+
+
+# -- one run's course, round by round (`compress plot DIR --rounds`) -----------------------------------------
+def stage_rank(stage: str) -> float:
+    """Where a metrics.csv stage falls in a run: baseline, compressed, round_0, round_1, ..., final."""
+    if stage == "baseline":
+        return -2.0
+    if stage == "compressed":
+        return -1.0
+    if stage == "final":
+        return math.inf
+    if isinstance(stage, str) and stage.startswith("round_") and stage[6:].isdigit():
+        return float(stage[6:])
+    return math.nan
+
+
+def course(rows) -> list[dict]:
+    """A run's stage rows (a gather table's rows of one run_dir) in run order, with numeric fields and the
+    round number (`rank`); rows without a top-1 or a parameter count are left out."""
+    ordered = []
+    for r in rows.to_dict("records"):
+        rank = stage_rank(r.get("stage"))
+        reduction, top1 = r.get("params_reduction_pct"), r.get("top1")
+        if _finite(rank, reduction, top1):
+            ordered.append({**r, "rank": rank, "reduction": float(reduction), "top1": float(top1),
+                            "val": float(r["val_top1"]) if _finite(r.get("val_top1")) else math.nan})
+    return sorted(ordered, key=lambda r: r["rank"])
+
+
+def paper_tradeoff(paper: dict, baseline_top1: float) -> tuple[float, float] | None:
+    """(parameters removed %, top-1) of a published row's trade-off applied to our baseline: its printed
+    reduction, at our baseline's top-1 plus its printed top-1 change (None when it prints either not)."""
+    if not _finite(paper.get("params_reduction_pct"), paper.get("top1_delta"), baseline_top1):
+        return None
+    return float(paper["params_reduction_pct"]), round(float(baseline_top1) + float(paper["top1_delta"]), 4)
+
+
+def plot_rounds(table, published, path: Path) -> int:
+    """Each run's course: top-1 against the fraction of parameters removed (left) and that fraction
+    against the round (right); accepted rounds joined in order, rolled-back ones as crosses, the final
+    fine-tune as a star. A linked published row that prints a parameter reduction is drawn at that
+    reduction, at our baseline's top-1 plus its printed top-1 change (the paper's trade-off from our
+    baseline). Returns the number of runs drawn."""
+    import matplotlib
+
+    matplotlib.rcParams["svg.hashsalt"] = "compress"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    path = check_output(path)
+    runs = {name: course(rows) for name, rows in table.groupby("run_dir", sort=True)}
+    runs = {name: c for name, c in runs.items() if any(0 <= r["rank"] < math.inf for r in c)}
+    if not runs:
+        raise CompressError("nothing to plot with --rounds: no run below has a round_<k> row "
+                            "(an iterative schedule, schedule.rounds > 0)")
+    by_id = {} if published is None or published.empty else {r["id"]: r for r in published.to_dict("records")}
+    palette = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20"]
+    fig = Figure(figsize=(12.5, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    handles = []
+    papers_drawn: set[tuple[str, float]] = set()  # one marker per published row and baseline
+    for i, (name, rows) in enumerate(runs.items()):
+        colour = palette(i % palette.N)
+        kept = [r for r in rows if r.get("status") != "rolled_back" and r["rank"] != math.inf]
+        back = [r for r in rows if r.get("status") == "rolled_back"]
+        final = [r for r in rows if r["rank"] == math.inf]
+        label = f"{name} ({rows[0].get('method', '')})"
+        left.plot([r["reduction"] for r in kept], [r["top1"] for r in kept], "-o", ms=3.5, lw=1.2, color=colour)
+        right.plot([max(r["rank"], 0) for r in kept], [r["reduction"] for r in kept], "-o", ms=3.5, lw=1.2,
+                   color=colour)
+        for ax, xs, ys in ((left, [r["reduction"] for r in back], [r["top1"] for r in back]),
+                           (right, [r["rank"] for r in back], [r["reduction"] for r in back])):
+            ax.scatter(xs, ys, marker="x", s=30, color=colour, zorder=3)
+        if final:
+            f = final[-1]
+            left.scatter([f["reduction"]], [f["top1"]], marker="*", s=140, color=colour, edgecolors="black",
+                         linewidths=0.5, zorder=4)
+            if kept:
+                left.plot([kept[-1]["reduction"], f["reduction"]], [kept[-1]["top1"], f["top1"]], ls=":", lw=1,
+                          color=colour)
+        handles.append(Line2D([], [], color=colour, marker="o", ms=3.5, label=label))
+        base = next((r for r in rows if r["stage"] == "baseline"), None)
+        paper = by_id.get(rows[0].get("paper_row") or "")
+        point = paper_tradeoff(paper, base["top1"]) if base is not None and paper is not None else None
+        if point is not None and (paper["id"], point) not in papers_drawn:
+            papers_drawn.add((paper["id"], point))
+            left.scatter([point[0]], [point[1]], s=70, facecolors="none", edgecolors=[colour], linewidths=1.6,
+                         zorder=4)
+            handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor=colour,
+                                  label=f"{paper['id']}: its reduction and top-1 change, from our baseline"))
+        if base is not None:
+            left.axhline(base["top1"], ls="--", lw=0.8, color=colour, alpha=0.6, zorder=0)
+    left.set_xlabel("parameters removed (%, non-zero)")
+    left.set_ylabel("top-1 (%)")
+    left.set_title("top-1 as the parameters go")
+    right.set_xlabel("round")
+    right.set_ylabel("parameters removed (%, non-zero)")
+    right.set_title("parameters removed per round")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    handles += [Line2D([], [], ls="", marker="x", color="grey", label="rolled back"),
+                Line2D([], [], ls="", marker="*", color="grey", markeredgecolor="black", ms=10,
+                       label="final fine-tune"),
+                Line2D([], [], ls="--", color="grey", lw=0.8, label="baseline top-1")]
+    right.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise CompressError(f"{path}: cannot write ({e.strerror or e})") from None
+    return len(runs)

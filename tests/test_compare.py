@@ -360,3 +360,33 @@ def test_mean_over_seeds_merges_the_repeats_of_a_setting(monkeypatch, capsys, tm
     assert "| method=cfdp" in (tmp_path / "m.md").read_text()
     code, out, err = run_main(monkeypatch, capsys, "report", str(root), "--summary", "--mean-over", " , ")
     assert code == 2 and err.strip() == "error: --mean-over: name at least one override key (e.g. --mean-over seed)"
+
+
+def test_rounds_plot_draws_each_iterative_run_and_the_papers_tradeoff(sweep, tmp_path):
+    """`compress plot DIR --rounds`: the course of every run with round_<k> rows (FGFP / AUP style:
+    accepted, rolled back, final), the published trade-off drawn from our baseline."""
+    fgfp = [("baseline", "", 91.98, 269722, 40551040, 10.0), ("compressed", "", 91.98, 269722, 40551040, 0.0),
+            ("round_1", "accepted", 91.70, 233306, 40551040, 300.0),
+            ("round_2", "rolled_back", 87.74, 196890, 40551040, 300.0),
+            ("round_3", "accepted", 91.10, 180000, 40551040, 300.0), ("final", "", 91.40, 180000, 40551040, 900.0)]
+    write_run(sweep / "fgfp", fgfp, method="fgfp", arch="resnet20", paper_row="fgfp-summary-resnet20",
+              baseline=(91.98, 269722, 40551040))
+    table = results.gather([sweep])
+    stages = [r["stage"] for r in plot.course(table[table["run_dir"] == "fgfp"])]
+    assert stages == ["baseline", "compressed", "round_1", "round_2", "round_3", "final"]
+    assert [plot.stage_rank(s) for s in ("baseline", "round_0", "round_12", "final", "odd")][:4] == [-2, 0, 12, math.inf]
+    published = compare.load_published()
+    row = published[published["id"] == "fgfp-summary-resnet20"].to_dict("records")[0]
+    assert plot.paper_tradeoff(row, 91.98) == (85.2, 90.46)  # -85.2 % parameters at -1.52 points
+    out = tmp_path / "rounds.png"
+    assert plot.plot_rounds(table, published, out) == 2  # the FGFP run and the hrank run with rounds
+    assert png_size(out)[0] > 800 and out.stat().st_size > 10_000
+    with pytest.raises(CompressError, match="^nothing to plot with --rounds: no run below has a round_<k> row"):
+        plot.plot_rounds(table[table["run_dir"] == "0"], published, out)
+
+
+def test_cli_rounds_plot_without_rounds_is_one_line(sweep, tmp_path, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "plot", str(sweep / "0"), "--rounds", "-o", str(tmp_path / "r.png"))
+    assert code == 2 and err.startswith("error: nothing to plot with --rounds") and err.count("\n") == 1
+    code, out, err = run_main(monkeypatch, capsys, "plot", str(sweep), "--rounds", "-o", str(tmp_path / "r.png"))
+    assert code == 0 and out.strip() == f"1 run, round by round -> {tmp_path / 'r.png'}"
