@@ -30,6 +30,16 @@ def check_output(path: Path) -> Path:
     return path
 
 
+def _save(fig, path: Path) -> None:
+    """Write the figure (its parent dir made if missing); an unwritable path is one line."""
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise CompressError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both cost (lower) and top-1 (higher), by cost: each is the best
     top-1 for at most its cost."""
@@ -157,12 +167,7 @@ def plot(compared, published, path: Path) -> int:
             Line2D([], [], ls=":", color="grey", label="run -> its paper row"),
         ]
         ax_row[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True)
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise CompressError(f"{path}: cannot write ({e.strerror or e})") from None
+    _save(fig, path)
     return len(archs)
 
 
@@ -271,10 +276,5 @@ def plot_rounds(table, published, path: Path) -> int:
                        label="final fine-tune"),
                 Line2D([], [], ls="--", color="grey", lw=0.8, label="baseline top-1")]
     right.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True)
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise CompressError(f"{path}: cannot write ({e.strerror or e})") from None
+    _save(fig, path)
     return len(runs)
