@@ -75,6 +75,36 @@ def test_each_round_removes_pr_of_each_layers_remaining_weights():
     assert not hasattr(model.bn, "weight_mask") and not hasattr(model.conv, "bias_mask")
 
 
+def test_target_params_ends_the_rounds_at_the_target_and_resumes():
+    """method.target_params: full rounds of pr while far from the target, a last round that takes only what
+    is left, then None; the baseline count travels in state_dict (resume, rollback)."""
+    from compress.measure import count_nonzero
+
+    torch.manual_seed(0)
+    model, method = Tiny(), aup(pr=0.2, target_params=0.6)
+    baseline = count_nonzero(model)  # conv 216 + 8, BatchNorm 8 (its zero biases do not count), fc 32 + 4
+    assert method.prepare(model, ctx()) is model and method.state_dict() == {"baseline_params": baseline}
+    counts = [baseline]
+    for k in range(1, 10):
+        resumed = aup(pr=0.2, target_params=0.6)
+        resumed.load_state_dict(method.state_dict())  # as a resumed run rebuilds it
+        method = resumed
+        if method.step(model, ctx(), k, 1.0) is None:
+            break
+        counts.append(count_nonzero(model))
+    # 268 -> 219 (-43 conv, -6 fc: 20 % of each) -> 179 (-35, -5) -> 161 (-16, -2: only what the target
+    # 160.8 needs); then a round would remove nothing, and the schedule ends
+    assert baseline == 268 and counts == [268, 219, 179, 161]
+    assert counts[-1] <= 0.6 * baseline + 1 and counts[-1] >= 0.6 * baseline - 3
+    assert aup(target_params=0.6).state_dict() == {"baseline_params": None}
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, True, "half"])
+def test_target_params_is_a_fraction(value):
+    with pytest.raises(CompressError, match="^method.target_params: must be null or the fraction"):
+        aup(target_params=value)
+
+
 def test_step_returns_none_when_nothing_is_left_to_prune():
     model = nn.Sequential(nn.Linear(2, 2, bias=False))
     assert aup(pr=0.1).step(model, ctx(), 1, 1.0) is None  # round(0.1 * 4) = 0

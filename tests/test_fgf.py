@@ -589,3 +589,25 @@ def test_a_conversion_rolled_back_by_the_pipeline_stays_ordinary(tmp_path, monke
     assert progress["skipped"] == STAGE3[:1] and progress["converted"] == STAGE3[1:3]
     assert set(packed["meta"]["fgf"]) == set(STAGE3[1:3])
     assert packed["state_dict"]["layer3.2.conv2.weight"].shape == (64, 64, 3, 3)  # ordinary
+
+
+def test_target_params_counts_from_the_model_before_any_conversion():
+    """FGFP's AUP rounds stop at method.target_params of the *unconverted* model's parameters: prepare
+    records them (state_dict()["aup"], kept through resume) before any layer becomes an FGF."""
+    from compress.measure import count_nonzero
+
+    torch.manual_seed(0)
+    model = Tiny()
+    baseline = count_nonzero(model)
+    method = fgfp(layers="conv3", fit_steps=0, pr=0.5, target_params=0.3)
+    model = method.prepare(model, ctx())
+    assert method.state_dict()["aup"] == {"baseline_params": baseline}
+    resumed = fgfp(layers="conv3", fit_steps=0, pr=0.5, target_params=0.3)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.state_dict() == method.state_dict() and resumed.next_layer() == "conv3"
+    rounds = 0
+    while resumed.step(model, ctx(), rounds + 1, 1.0) is not None:
+        rounds += 1
+        assert rounds < 10
+    assert fgf_layer_names(model) == ["conv3"]
+    assert count_nonzero(model) <= 0.3 * baseline + 2 and count_nonzero(model) >= 0.3 * baseline - 10

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from compress import CompressError
+from compress.checks import is_number
 from compress.layers import fgf, masks
+from compress.measure import count_nonzero
 from compress.methods.base import Context, Method, MethodOptions
 
 # Layers whose `weight` AUP may prune: convolutions of any dimension and fully connected layers.
@@ -90,6 +92,9 @@ class AUPOptions(MethodOptions):
     prune_layers: Any = "*"
     # glob pattern(s) of layers never pruned (e.g. ["conv1", "linear"])
     keep_layers: Any = field(default_factory=list)
+    # stop once the model's non-zero parameters are at most this fraction of the baseline's (the last round
+    # prunes only what reaches it; schedule.rounds is then an upper bound); null: prune in every round
+    target_params: Optional[float] = None
 
     def __post_init__(self) -> None:
 
@@ -100,6 +105,8 @@ class AUPOptions(MethodOptions):
               "pr", "a fraction in (0, 1) (the paper uses 0.03-0.06)")
         self.check(glob_option(self.prune_layers), "prune_layers", "a glob pattern or a list of them")
         self.check(self.keep_layers is None or glob_option(self.keep_layers), "keep_layers", "a glob pattern or a list of them")
+        self.check(self.target_params is None or is_number(self.target_params) and 0 < self.target_params < 1,
+                   "target_params", "null or the fraction of the baseline's parameters to keep, in (0, 1)")
 
 
 class AUP(Method):
@@ -118,6 +125,23 @@ class AUP(Method):
     def __init__(self, options: AUPOptions | None = None):
         super().__init__(options)
         self.prune_layers, self.keep_layers = globs(self.options.prune_layers), globs(self.options.keep_layers)
+        self.baseline_params: int | None = None  # non-zero parameters before any round (target_params)
+
+    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
+        self.baseline_params = count_nonzero(model)
+        return model
+
+    def round_fraction(self, model: nn.Module, layers: list[tuple[str, nn.Module]], step_scale: float) -> float:
+        """This round's fraction of each layer's alive weights: `pr * step_scale`, or with `target_params`
+        only what brings the non-zero parameters down to the target (0 once they are there)."""
+        fraction = self.options.pr * step_scale
+        if self.options.target_params is None:
+            return fraction
+        if self.baseline_params is None:  # a step without `prepare` (a model.pt pruned further): start here
+            self.baseline_params = count_nonzero(model)
+        excess = count_nonzero(model) - self.options.target_params * self.baseline_params
+        alive = sum(int(masks.current_mask(m).count_nonzero()) for _, m in layers)
+        return 0.0 if excess <= 0 or alive == 0 else min(fraction, excess / alive)
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         layers = prunable_layers(model, self.prune_layers, self.keep_layers)
@@ -127,14 +151,25 @@ class AUP(Method):
         return layers
 
     def step(self, model: nn.Module, ctx: Context, round_index: int, step_scale: float) -> nn.Module | None:
-        fraction = self.options.pr * step_scale
-        report = prune_round(self.layers(model), fraction)
+        layers = self.layers(model)
+        fraction = self.round_fraction(model, layers, step_scale)
+        if fraction <= 0:
+            ctx.log.info("aup: %d non-zero parameters, at most method.target_params=%g of the baseline's %d: "
+                         "pruning is over", count_nonzero(model), self.options.target_params, self.baseline_params)
+            return None
+        report = prune_round(layers, fraction)
         removed = sum(r for r, _ in report.values())
         alive, total = masks.sparsity_report(model)
         ctx.log.info("aup round %d: pruned %.4f of each layer's remaining weights (%d removed); "
                      "%d of %d prunable weights left (%.1f%% sparse)", round_index, fraction, removed,
                      alive, total, 100.0 * (1 - alive / max(total, 1)))
         return model if removed else None
+
+    def state_dict(self) -> dict:
+        return {"baseline_params": self.baseline_params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline_params = (state or {}).get("baseline_params")
 
     def meta(self, model: nn.Module) -> dict:
         return pruning_meta(model)

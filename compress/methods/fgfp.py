@@ -164,7 +164,8 @@ class FGFP(Method):
         o = self.options
         self.changes_model = o.convert == "all"
         self.spec = {"terms": o.terms, "step": float(o.step), "grid": o.grid, "amplitude": o.amplitude}
-        self.rounds = AUP(AUPOptions(pr=o.pr, prune_layers=o.prune_layers, keep_layers=o.keep_layers))
+        self.rounds = AUP(AUPOptions(pr=o.pr, prune_layers=o.prune_layers, keep_layers=o.keep_layers,
+                                     target_params=o.target_params))
         self.progress = fresh_state()
 
     # -- conversion -------------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ class FGFP(Method):
         return next((name for name in self.progress["order"] or [] if name not in done), None)
 
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
+        self.rounds.prepare(model, ctx)  # AUP's target_params counts from the model before any conversion
         order = self._choose(model)
         self.progress = {**fresh_state(), "order": order}
         if self.options.convert == "all":
@@ -218,10 +220,12 @@ class FGFP(Method):
         return self.rounds.step(model, ctx, round_index, step_scale)
 
     def state_dict(self) -> dict:
-        return copy.deepcopy(self.progress)
+        return {**copy.deepcopy(self.progress), "aup": self.rounds.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.progress = {**fresh_state(), **copy.deepcopy(dict(state))}
+        state = copy.deepcopy(dict(state))
+        self.rounds.load_state_dict(state.pop("aup", None) or {})
+        self.progress = {**fresh_state(), **state}
 
     def rolled_back(self, state: dict) -> bool:
         """A rolled-back conversion leaves its layer ordinary for good: the retried round converts the next
