@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from compress import CompressError, layers, models
-from compress.layers import deployable, masks
+from compress.layers import deployable, fgf, masks
 from compress.layers.fgf import (FractionalGaussianKernel, axis_factor, decode, encode, fgf_kernel, fit_fgf, gl_weights,
                                  fgf_layer_names, grid, grunwald_letnikov, lattice_stride)
 from compress.methods.aup import AUP
@@ -611,3 +611,38 @@ def test_target_params_counts_from_the_model_before_any_conversion():
         assert rounds < 10
     assert fgf_layer_names(model) == ["conv3"]
     assert count_nonzero(model) <= 0.3 * baseline + 2 and count_nonzero(model) >= 0.3 * baseline - 10
+
+
+def test_output_fit_follows_the_pretrained_layer_better_than_the_weight_fit():
+    """method.fit=outputs: after the weight fit, each converted conv is refined on calibration images so
+    that its outputs follow the pretrained conv's channel by channel (up to scale and shift)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    def calibration(batches, batch_size, augment=False):  # deterministic, like the pipeline's
+        return iter([torch.randn(batch_size, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+                     for i in range(batches)])
+
+    context = cpu_context(log=logging.getLogger("test"), calibration=calibration)
+    method = fgfp(layers="conv3", fit="outputs", output_fit_images=64, output_fit_steps=150, fit_steps=20)
+    seen = method._layer_io(model, ["conv3"], context)
+    inputs, outputs = seen["conv3"]
+    assert inputs.shape == (64, 12, 8, 8) and outputs.shape == (64, 12, 8, 8)
+    weights_only = fgfp(layers="conv3", fit_steps=20)
+    twin = copy.deepcopy(model)
+    weights_only.prepare(twin, context)
+    weights_only.step(twin, context, 1, 1.0)
+    target = fgf.standardised(outputs)
+    plain = fgf.output_correlation(twin.conv3, inputs, target)
+    method.prepare(model, context)
+    method.step(model, context, 1, 1.0)
+    refined = fgf.output_correlation(model.conv3, inputs, target)
+    assert fgf_layer_names(model) == ["conv3"] and refined > plain + 0.05, (plain, refined)
+    assert model.conv3.parametrizations.weight.original.grad is None
+
+
+@pytest.mark.parametrize("override, key", [(dict(fit="data"), "fit"), (dict(output_fit_images=0), "output_fit_images"),
+                                           (dict(output_fit_steps=-1), "output_fit_steps"),
+                                           (dict(output_fit_lr=0), "output_fit_lr")])
+def test_output_fit_options_are_checked(override, key):
+    with pytest.raises(CompressError, match=f"^method.{key}: must be"):
+        fgfp(**override)

@@ -297,3 +297,41 @@ def convert(model: nn.Module, names: list[str], spec: dict, fit_steps: int, fit_
     return errors
 
 
+
+
+# -- refining a converted layer on what it computes ----------------------------------------------------------
+def standardised(t: torch.Tensor) -> torch.Tensor:
+    """Each channel of (N, C, H, W) to zero mean and unit variance over batch and positions: what the
+    BatchNorm after a conv sees, up to its affine (which absorbs a converted layer's scale)."""
+    return (t - t.mean((0, 2, 3), keepdim=True)) / (t.std((0, 2, 3), keepdim=True) + 1e-5)
+
+
+def output_correlation(conv: nn.Conv2d, inputs: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean per-channel correlation of the conv's outputs on `inputs` with the standardised `target`."""
+    with torch.no_grad():
+        out = F.conv2d(inputs, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return float((standardised(out) * target).mean())
+
+
+def fit_outputs(conv: nn.Conv2d, inputs: torch.Tensor, outputs: torch.Tensor, steps: int, lr: float,
+                batch_size: int = 256, seed: int = 0) -> tuple[float, float]:
+    """Refine an FGF conv's numbers so that its outputs on `inputs` follow `outputs` (the pretrained conv's
+    on the same inputs), channel by channel up to scale and shift (MSE of standardised maps, Adam on random
+    minibatches). Returns the mean output correlation before and after."""
+    raw = conv.parametrizations.weight.original
+    target = standardised(outputs)
+    before = output_correlation(conv, inputs, target)
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam([raw], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            batch = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=generator)
+            batch = batch.to(inputs.device)
+            out = F.conv2d(inputs[batch], conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                           conv.groups)
+            loss = (standardised(out) - target[batch]).pow(2).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    raw.grad = None
+    return before, output_correlation(conv, inputs, target)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, List
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -43,6 +45,10 @@ log = logging.getLogger("compress")
 MAX_TERMS = 100
 MAX_RESTARTS = 16
 CONVERT = ("one_by_one", "all")
+FITS = ("weights", "outputs")
+# fit=outputs keeps one layer's inputs and outputs on the calibration images in memory: at most this many
+# numbers (512 MB of fp32), fewer images if a layer's maps are large (ImageNet's early stages).
+MAX_FIT_NUMBERS = 2 ** 27
 
 
 def is_strided(conv: nn.Conv2d) -> bool:
@@ -111,6 +117,13 @@ class FGFPOptions(AUPOptions):
     fit_lr: float = 0.05
     # restarts: initial a = b = c; each channel keeps its best
     fit_init_orders: List[float] = field(default_factory=lambda: [0.25, 1.0, 1.75])
+    # weights: the fit above alone; outputs: then refine each converted layer so that its outputs on
+    # calibration images follow the pretrained layer's, channel by channel up to scale and shift
+    fit: str = "weights"
+    # fit=outputs: training images (no augmentation) whose layer inputs are fitted, Adam steps, learning rate
+    output_fit_images: int = 1024
+    output_fit_steps: int = 300
+    output_fit_lr: float = 0.02
     # AUP's options (above, inherited) prune the remaining ordinary conv / linear weights in the rounds;
     # prune_layers: [] = the FGF conversion alone (the rounds end once every layer is converted).
 
@@ -131,6 +144,10 @@ class FGFPOptions(AUPOptions):
         self.check(self.grid in fgf.GRIDS, "grid", f"one of {', '.join(fgf.GRIDS)}")
         self.check(isinstance(self.amplitude, bool), "amplitude", "true or false")
         self.check(is_count(self.fit_steps, 0), "fit_steps", "an integer >= 0")
+        self.check(self.fit in FITS, "fit", f"one of {', '.join(FITS)}")
+        self.check(is_count(self.output_fit_images), "output_fit_images", "an integer >= 1")
+        self.check(is_count(self.output_fit_steps, 0), "output_fit_steps", "an integer >= 0")
+        self.check(positive(self.output_fit_lr), "output_fit_lr", "a finite number > 0")
         self.check(positive(self.fit_lr), "fit_lr", "a finite number > 0")
         self.check(isinstance(orders, (list, tuple)) and 1 <= len(orders) <= MAX_RESTARTS
               and all(positive(o) and o < 2 for o in orders), "fit_init_orders", f"1 to {MAX_RESTARTS} orders in (0, 2)")
@@ -173,12 +190,48 @@ class FGFP(Method):
         o = self.options
         fit_steps = min(o.fit_steps, 2) if ctx.quick else o.fit_steps
         before = sum(p.numel() for p in model.parameters())
+        seen = self._layer_io(model, names, ctx) if o.fit == "outputs" else {}
         errors = fgf.convert(model, names, self.spec, fit_steps, float(o.fit_lr), [float(v) for v in o.fit_init_orders])
         after = sum(p.numel() for p in model.parameters())
         for name, err in errors.items():
             ctx.log.info("fgfp: %s -> FGF, relative fit error %.3f", name, err)
+        steps = min(o.output_fit_steps, 2) if ctx.quick else o.output_fit_steps
+        for name, (inputs, outputs) in seen.items():
+            start, end = fgf.fit_outputs(model.get_submodule(name), inputs, outputs, steps, float(o.output_fit_lr),
+                                         seed=ctx.seed)
+            ctx.log.info("fgfp: %s fitted to its outputs on %d images: output correlation %.3f -> %.3f", name,
+                         inputs.shape[0], start, end)
         ctx.log.info("fgfp: %d layer%s converted, parameters %d -> %d", len(names), "" if len(names) == 1 else "s",
                      before, after)
+
+    @torch.no_grad()
+    def _layer_io(self, model: nn.Module, names: list[str], ctx: Context) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each named conv's inputs and (pretrained) outputs on calibration images, the model in eval mode;
+        fewer images where a layer's maps would pass MAX_FIT_NUMBERS."""
+        wanted = 8 if ctx.quick else self.options.output_fit_images
+        batch_size = min(128, wanted)
+        seen: dict[str, list[list[torch.Tensor]]] = {name: [[], []] for name in names}
+        budget = {name: MAX_FIT_NUMBERS for name in names}
+
+        def keep(name):
+            def hook(module, inputs, output):
+                if budget[name] >= inputs[0].numel() + output.numel():
+                    budget[name] -= inputs[0].numel() + output.numel()
+                    seen[name][0].append(inputs[0].detach())
+                    seen[name][1].append(output.detach())
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+        was_training = model.training
+        model.eval()
+        try:
+            for images in ctx.calibration_batches(math.ceil(wanted / batch_size), batch_size):
+                model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        return {name: (torch.cat(xs)[:wanted], torch.cat(ys)[:wanted]) for name, (xs, ys) in seen.items() if xs}
 
     def _choose(self, model: nn.Module) -> list[str]:
         return conversion_order(model, select_layers(model, self.options.layers, self.options.skip_strided))
