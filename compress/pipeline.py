@@ -260,8 +260,10 @@ class Run:
         return {"rounds_accepted": accepted, "rounds_rolled_back": rolled_back}
 
     def _same_as_last(self, stage: str, started: float) -> dict:
-        """The row of a stage that did not change the model: the previous row's numbers."""
-        return dict(self.ledger.rows[-1], stage=stage, status="", wall_s=round(time.perf_counter() - started, 2))
+        """The row of a stage that did not change the model: the numbers of the last row that describes the
+        model as it is (a rolled-back round's row describes the candidate that was thrown away)."""
+        last = next(r for r in reversed(self.ledger.rows) if r.get("status") != "rolled_back")
+        return dict(last, stage=stage, status="", wall_s=round(time.perf_counter() - started, 2))
 
     def _pack(self, model: nn.Module) -> dict:
         return checkpoints.pack(model, self.arch, self.method.name, self.method.meta(model))
