@@ -1,6 +1,7 @@
 """Why an FGF conversion loses the layer: fit one conv's FGF to its pretrained *weights* (what
 `method=fgfp` does) and then to its *outputs* on real inputs, and compare both by the output correlation
-and the top-1 right after conversion (BatchNorm statistics re-estimated on training images).
+and the top-1 right after conversion (BatchNorm statistics re-estimated on training images):
+what `method.fit=outputs` adds to the default `weights`.
 
     .venv/bin/python scripts/fgf_output_fit.py --layer layer3.1.conv1 \
         --checkpoint ../shared/pretrained/resnet20-12fca82f.th --data ../shared/cifar10
@@ -22,11 +23,6 @@ from compress.data.cifar import load_cifar10
 from compress.layers import fgf
 
 SPEC = dict(terms=15, step=0.25, grid="pixel", amplitude=False)  # FGFPOptions' defaults
-
-
-def standardised(t: torch.Tensor) -> torch.Tensor:
-    """Per channel over batch and positions: what the BatchNorm after the conv sees, up to its affine."""
-    return (t - t.mean((0, 2, 3), keepdim=True)) / (t.std((0, 2, 3), keepdim=True) + 1e-5)
 
 
 def main() -> None:
@@ -75,30 +71,16 @@ def main() -> None:
     hook.remove()
     x = torch.cat(inputs)
     with torch.no_grad():
-        target = standardised(F.conv2d(x, conv.weight, None, conv.stride, conv.padding))
-
-    def correlation(layer) -> float:
-        with torch.no_grad():
-            out = standardised(F.conv2d(x, layer.weight, None, layer.stride, layer.padding))
-        return float((out * target).mean())
-
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
     model = load()
     error = fgf.convert(model, [args.layer], SPEC, 100, 0.05, [0.25, 1.0, 1.75])[args.layer]
     layer = model.get_submodule(args.layer)
-    print(f"{args.layer}: weight fit, relative error {error:.3f}, output correlation {correlation(layer):.3f}, "
+    start = fgf.output_correlation(layer, x, fgf.standardised(y))
+    print(f"{args.layer}: weight fit, relative error {error:.3f}, output correlation {start:.3f}, "
           f"top-1 {top1(model):.2f} (dense: {top1(load()):.2f})")
-    raw = layer.parametrizations.weight.original
-    optimiser = torch.optim.Adam([raw], lr=args.lr)
-    with torch.enable_grad():
-        for _ in range(args.steps):
-            batch = torch.randint(0, x.shape[0], (256,))
-            out = F.conv2d(x[batch], layer.weight, None, layer.stride, layer.padding)
-            loss = (standardised(out) - target[batch]).pow(2).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+    _, end = fgf.fit_outputs(layer, x, y, args.steps, args.lr)  # what method.fit=outputs does
     print(f"{args.layer}: then fitted to its outputs ({args.steps} Adam steps on {x.shape[0]} images' inputs), "
-          f"output correlation {correlation(layer):.3f}, top-1 {top1(model):.2f}")
+          f"output correlation {end:.3f}, top-1 {top1(model):.2f}")
 
 
 if __name__ == "__main__":
