@@ -30,6 +30,19 @@ def check_output(path: Path) -> Path:
     return path
 
 
+def _figure(size: tuple[float, float]):
+    """A figure on matplotlib's Agg canvas (headless, no pyplot state), laid out by constrained layout."""
+    import matplotlib
+
+    matplotlib.rcParams["svg.hashsalt"] = "compress"  # reproducible SVG ids
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _save(fig, path: Path) -> None:
     """Write the figure (its parent dir made if missing); an unwritable path is one line."""
     try:
@@ -86,10 +99,6 @@ def plot(compared, published, path: Path) -> int:
     """Draw `compress.compare.compare(...)`'s table (and the published rows) into `path`; returns the
     number of architecture rows drawn."""
     import matplotlib
-
-    matplotlib.rcParams["svg.hashsalt"] = "compress"  # reproducible SVG ids
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter
 
@@ -103,8 +112,7 @@ def plot(compared, published, path: Path) -> int:
     palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
     colour = {m: palette(i % palette.N) for i, m in enumerate(methods)}
 
-    fig = Figure(figsize=(12.5, 4.4 * len(archs)), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure((12.5, 4.4 * len(archs)))
     axes = fig.subplots(len(archs), 2, squeeze=False)
     for ax_row, arch in zip(axes, archs):
         ours = compared[(compared["arch"] == arch) & (compared["stage"] == "final")]
@@ -193,8 +201,7 @@ def course(rows) -> list[dict]:
         rank = stage_rank(r.get("stage"))
         reduction, top1 = r.get("params_reduction_pct"), r.get("top1")
         if _finite(rank, reduction, top1):
-            ordered.append({**r, "rank": rank, "reduction": float(reduction), "top1": float(top1),
-                            "val": float(r["val_top1"]) if _finite(r.get("val_top1")) else math.nan})
+            ordered.append({**r, "rank": rank, "reduction": float(reduction), "top1": float(top1)})
     return sorted(ordered, key=lambda r: r["rank"])
 
 
@@ -213,10 +220,6 @@ def plot_rounds(table, published, path: Path) -> int:
     reduction, at our baseline's top-1 plus its printed top-1 change (the paper's trade-off from our
     baseline). Returns the number of runs drawn."""
     import matplotlib
-
-    matplotlib.rcParams["svg.hashsalt"] = "compress"
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     path = check_output(path)
@@ -227,8 +230,7 @@ def plot_rounds(table, published, path: Path) -> int:
                             "(an iterative schedule, schedule.rounds > 0)")
     by_id = {} if published is None or published.empty else {r["id"]: r for r in published.to_dict("records")}
     palette = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20"]
-    fig = Figure(figsize=(12.5, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure((12.5, 4.6))
     left, right = fig.subplots(1, 2)
     handles = []
     papers_drawn: set[tuple[str, float]] = set()  # one marker per published row and baseline

@@ -297,8 +297,6 @@ def convert(model: nn.Module, names: list[str], spec: dict, fit_steps: int, fit_
     return errors
 
 
-
-
 # -- refining a converted layer on what it computes ----------------------------------------------------------
 def standardised(t: torch.Tensor) -> torch.Tensor:
     """Each channel of (N, C, H, W) to zero mean and unit variance over batch and positions: what the

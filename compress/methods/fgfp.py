@@ -37,6 +37,7 @@ from compress.checks import is_count, is_number
 from compress.layers import fgf
 from compress.methods.aup import AUP, AUPOptions, globs, matches, pruning_meta, restore_pruning
 from compress.methods.base import Context, Method
+from compress.prune.features import run_hooked
 
 log = logging.getLogger("compress")
 
@@ -204,33 +205,22 @@ class FGFP(Method):
         ctx.log.info("fgfp: %d layer%s converted, parameters %d -> %d", len(names), "" if len(names) == 1 else "s",
                      before, after)
 
-    @torch.no_grad()
     def _layer_io(self, model: nn.Module, names: list[str], ctx: Context) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each named conv's inputs and (pretrained) outputs on calibration images, the model in eval mode;
-        fewer images where a layer's maps would pass MAX_FIT_NUMBERS."""
+        """Each named conv's inputs and (pretrained) outputs on calibration images, in one pass per batch
+        (`run_hooked`: eval mode, no grad); fewer images where a layer's maps would pass MAX_FIT_NUMBERS."""
         wanted = 8 if ctx.quick else self.options.output_fit_images
         batch_size = min(128, wanted)
-        seen: dict[str, list[list[torch.Tensor]]] = {name: [[], []] for name in names}
-        budget = {name: MAX_FIT_NUMBERS for name in names}
+        seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {name: ([], []) for name in names}
+        budget = dict.fromkeys(names, MAX_FIT_NUMBERS)
 
-        def keep(name):
-            def hook(module, inputs, output):
-                if budget[name] >= inputs[0].numel() + output.numel():
-                    budget[name] -= inputs[0].numel() + output.numel()
-                    seen[name][0].append(inputs[0].detach())
-                    seen[name][1].append(output.detach())
-            return hook
+        def keep(name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+            if budget[name] >= inputs.numel() + outputs.numel():
+                budget[name] -= inputs.numel() + outputs.numel()
+                seen[name][0].append(inputs)
+                seen[name][1].append(outputs)
 
-        handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
-        was_training = model.training
-        model.eval()
-        try:
-            for images in ctx.calibration_batches(math.ceil(wanted / batch_size), batch_size):
-                model(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-            model.train(was_training)
+        run_hooked(model, {name: model.get_submodule(name) for name in names},
+                   ctx.calibration_batches(math.ceil(wanted / batch_size), batch_size), keep)
         return {name: (torch.cat(xs)[:wanted], torch.cat(ys)[:wanted]) for name, (xs, ys) in seen.items() if xs}
 
     def _choose(self, model: nn.Module) -> list[str]:

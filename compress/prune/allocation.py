@@ -284,7 +284,7 @@ def fill(cost: CostModel, events: Events, taken: int, lo: float, hi: float, max_
     positions[grouped, rank] = where.to(_F64)
     sizes[grouped, rank] = events.size[where]
     done = torch.bincount(owner[:taken], minlength=groups)  # events taken per group
-    removed = events.removed(groups)[taken]
+    removed = torch.zeros(groups, dtype=_F64).index_add_(0, owner[:taken], events.size[:taken])
     rows = torch.arange(groups)
     steps = len(owner) if max_steps is None else max_steps
     for _ in range(steps):  # a few steps in practice: the distance left is below one event's cost
