@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from compress import CompressError, checkpoints, distributed, methods, models, train
-from compress.config import ScheduleConfig
+from compress.config import DatasetConfig, ScheduleConfig
 from compress.data.base import Data
 
 log = logging.getLogger("compress")
@@ -68,12 +68,26 @@ def from_torchvision(arch: str, num_classes: int) -> nn.Module:
     return model
 
 
-def pretrained_here(arch: str, data: Data, dataset_key: dict, pretrain: ScheduleConfig, *, seed: int, cache: Path,
+def _changed_fields(config) -> dict:
+    """The dataclass's fields that differ from their defaults: a field added later, at its default, leaves
+    keys built from this unchanged (a pretraining that spans sessions keeps finding its partial file)."""
+    defaults = type(config)()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def pretrain_key(arch: str, data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, seed: int) -> str:
+    """What the pretrained weights depend on: the images' content (not their folder, nor whether they were
+    decoded or cached), the split and the recipe. Where the data lies (root, download) is not part of it."""
+    split = {k: v for k, v in _changed_fields(dataset).items() if k not in ("root", "download")}
+    return hashlib.sha256(json.dumps([arch, data.identity, data.num_classes, split, _changed_fields(pretrain), seed],
+                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def pretrained_here(arch: str, data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, *, seed: int, cache: Path,
                     device: torch.device, eval_batch_size: int) -> nn.Module:
     """No checkpoint given: train from scratch with the pretrain schedule, once; cache the result."""
-    key = hashlib.sha256(json.dumps([arch, data.name, data.source, data.num_classes, dataset_key,
-                                     dataclasses.asdict(pretrain), seed], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
+    key = pretrain_key(arch, data, dataset, pretrain, seed)
     final = cache / "pretrained" / f"{arch}-{data.name}-{key}.pt"
     partial = final.with_suffix(".partial.pt")
     if final.is_file():
@@ -101,7 +115,7 @@ def starting_model(config, data: Data, device: torch.device) -> nn.Module:
         log.info("weights: random initialisation (arch.checkpoint=random)")
         return models.build(arch, data.num_classes)
     if spec is None:
-        return pretrained_here(arch, data, dataclasses.asdict(config.dataset), config.pretrain, seed=config.seed,
+        return pretrained_here(arch, data, config.dataset, config.pretrain, seed=config.seed,
                                cache=cache, device=device, eval_batch_size=config.measure.eval_batch_size)
     if spec == "torchvision":
         return from_torchvision(arch, data.num_classes)

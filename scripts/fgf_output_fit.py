@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     arch = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "arch" / f"{args.arch}.yaml")
     mean, std = (torch.tensor(list(arch[k])).view(1, 3, 1, 1) for k in ("mean", "std"))
-    data, _ = load_cifar10(Path(args.data), False, Path.home() / ".cache" / "compress" / "data")
+    data, _, _ = load_cifar10(Path(args.data), False, Path.home() / ".cache" / "compress" / "data")
     norm = lambda u8: (u8.float() / 255 - mean) / std  # noqa: E731
     # the image-folder layout is sorted by class: take the training images in a random order
     train = data["train_x"][torch.randperm(len(data["train_x"]))[:max(args.images, 2560)]]

@@ -81,4 +81,5 @@ class Data:
     val: Split
     test: Split
     source: str  # where it came from, for the log
+    identity: str  # what the images are (a content key, not a path): caches derived from the data are keyed by it
     val_from: str = "train"  # the validation images: held out of train, or a half of the test set

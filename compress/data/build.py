@@ -89,6 +89,7 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
         test_x, test_y = make_synthetic(n_test, classes, size, seed=cfg.split_seed + 1000)
         tensors = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
         source = f"synthetic ({size}x{size}, {classes} classes)"
+        identity = f"synthetic:{size}:{classes}:{cfg.split_seed}"
     elif name == "cifar10":
         root, tried = _find_root("cifar10", cfg.root, search)
         if detect_layout(root) is None and not cfg.download:
@@ -96,7 +97,8 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
             raise CompressError(
                 f"dataset.root: CIFAR-10 not found (looked in: {where}); set dataset.root=/path/to/cifar10 "
                 "(an ImageFolder tree or torchvision's cifar-10-batches-py), or dataset.download=true when online")
-        tensors, source = load_cifar10(root, cfg.download, cache_dir / "data")
+        tensors, source, content = load_cifar10(root, cfg.download, cache_dir / "data")
+        identity = f"cifar10:{content}"
     elif name == "imagenet":
         return _load_imagenet(cfg, mean, std, search, channels_last)
     else:
@@ -111,7 +113,7 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
     c, h, w = tensors["train_x"].shape[1:]
     return Data(name=name, num_classes=cfg.num_classes, image_shape=(int(c), int(h), int(w)),
                 train=split(tensors["train_x"], tensors["train_y"], idx["train"]), val=split(val_x, val_y, idx["val"]),
-                test=split(tensors["test_x"], tensors["test_y"], idx["test"]), source=source, val_from=cfg.val_from)
+                test=split(tensors["test_x"], tensors["test_y"], idx["test"]), source=source, identity=identity, val_from=cfg.val_from)
 
 
 def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
@@ -129,4 +131,4 @@ def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
     # ImageNet's own val/ folder plays the test set; val_from=test halves it.
     return Data(name="imagenet", num_classes=cfg.num_classes, image_shape=(3, size, size),
                 train=mk(train_ds, idx["train"]), val=mk(val_ds if cfg.val_from == "test" else train_ds, idx["val"]),
-                test=mk(val_ds, idx["test"]), source=str(root), val_from=cfg.val_from)
+                test=mk(val_ds, idx["test"]), source=str(root), identity=f"imagenet:{root.resolve()}", val_from=cfg.val_from)
