@@ -214,7 +214,11 @@ class Run:
 
     def _fit(self, model: nn.Module, sched: ScheduleConfig, stage: str, resumable: bool = True) -> nn.Module:
         """Fine-tune; a resumable fine-tune saves per-epoch state, so that, interrupted, it resumes at its epoch."""
-        model, _ = train.fit(model, self.data.train, self.data.val, sched, self.device, seed=self.config.seed,
+        # Each fine-tune draws its own image order and augmentations: with the run's seed alone, every round
+        # (and the final's first epochs) replayed the same batches, so a capped epoch (schedule.max_batches)
+        # saw the same subset round after round instead of fresh images.
+        model, _ = train.fit(model, self.data.train, self.data.val, sched, self.device,
+                             seed=train.stage_seed(self.config.seed, stage),
                              resume=self.ledger.fit_resume_state(stage) if resumable else None,
                              on_epoch_end=(lambda s: self.ledger.save_fit(stage, s)) if resumable else None,
                              desc=stage, eval_batch_size=self.config.measure.eval_batch_size, teacher=self.teacher)

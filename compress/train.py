@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import time
+import zlib
 from typing import Callable
 
 import torch
@@ -159,6 +160,12 @@ class Distiller:
     def __exit__(self, *exc) -> None:
         self.student_taps.close()
         self.teacher_taps.close()
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The data-order seed of one fine-tune of a run: the run's seed mixed with the stage's name
+    ("round_3", "final"), stable across processes (unlike hash()), so a resumed stage replays its batches."""
+    return (seed * 1_000_003 + zlib.crc32(stage.encode())) % 2**62
 
 
 def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, device: torch.device, *, seed: int = 0,

@@ -221,3 +221,29 @@ def test_report_gathers_runs(cli_in_process, tmp_path):
     assert lines[-1] == f"6 rows from 2 runs -> {out}"
     proc = cli_in_process.run(["report", str(tmp_path / "empty_nothing")])
     assert proc["code"] == 2 and proc["stderr"] == f"error: {tmp_path / 'empty_nothing'}: no such directory\n"
+
+
+def test_every_fine_tune_draws_its_own_images(tmp_path, quick_args, perturb, monkeypatch):
+    # With an epoch capped below the training set (schedule.max_batches), each round must see other images
+    # than the last one, and the final fine-tune others again: one seed for all replayed the same subset.
+    from compress.data.base import TensorSplit
+
+    first_batches, real_batches = [], TensorSplit.batches
+
+    def spying(self, batch_size, *, shuffle=False, augment=False, generator=None, max_batches=None):
+        stream = real_batches(self, batch_size, shuffle=shuffle, augment=augment, generator=generator,
+                              max_batches=max_batches)
+        if augment:  # a training epoch
+            x, y = next(stream)
+            first_batches.append(x.clone())
+            yield x, y
+        yield from stream
+
+    monkeypatch.setattr(TensorSplit, "batches", spying)
+    config = compose(quick_args + [
+        "method.name=_perturb_test", "schedule.rounds=3", "schedule.round_epochs=1", "schedule.max_batches=1",
+        "schedule.epochs=1", "schedule.prepare_epochs=0"])
+    Run(config, tmp_path / "run").execute()
+    assert [r["stage"] for r in rows(tmp_path / "run")][-4:] == ["round_1", "round_2", "round_3", "final"]
+    assert len(first_batches) == 4
+    assert all(not torch.equal(a, b) for i, a in enumerate(first_batches) for b in first_batches[i + 1:])
