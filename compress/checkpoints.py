@@ -20,6 +20,9 @@ from torch import nn
 from compress import CompressError
 
 FORMAT = "compress-model/1"
+# Checkpoints this project trained and commits (the CIFAR VGG-16-BN): searched after paths.weights, so a
+# config can name them by file name from any working directory.
+PROJECT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 def is_url(spec: str) -> bool:
@@ -27,13 +30,23 @@ def is_url(spec: str) -> bool:
 
 
 def resolve(spec: str, weights_dirs: Sequence[str], cache_dir: Path) -> Path:
-    """A local file for `spec`: a path, or a URL found by file name in `weights_dirs` or the download
-    cache, downloaded there (hash-checked against the name's hex suffix, torch.hub's convention) if not."""
+    """A local file for `spec`: a path; a relative one not found from here is looked up in `weights_dirs`,
+    then in the project's committed `weights/` (the CIFAR VGG-16-BN's config names its file); or a URL found
+    by file name in `weights_dirs` or the download cache, downloaded there (hash-checked against the
+    name's hex suffix, torch.hub's convention) if not."""
     if not is_url(spec):
         path = Path(spec).expanduser()
-        if not path.is_file():
-            raise CompressError(f"arch.checkpoint: no such file: {path}")
-        return path
+        if path.is_file():
+            return path
+        if not path.is_absolute():
+            dirs = [*weights_dirs, str(PROJECT_WEIGHTS)]
+            for d in dirs:
+                cand = Path(d).expanduser() / path
+                if cand.is_file():
+                    return cand
+            raise CompressError(f"arch.checkpoint: no such file: {path} (looked here, in paths.weights and the "
+                                f"project's weights/: {', '.join(dirs)})")
+        raise CompressError(f"arch.checkpoint: no such file: {path}")
     name = Path(urllib.parse.urlparse(spec).path).name
     for d in [*weights_dirs, str(cache_dir / "checkpoints")]:
         cand = Path(d).expanduser() / name

@@ -70,6 +70,16 @@ def _finite(*values) -> bool:
         return False
 
 
+def cost_from_reduction(paper_reduction_pct, our_cost, our_reduction_pct) -> float | None:
+    """Where a paper that prints only a reduction (SCAP's abstract: -96.3 % params) sits on our axis: its
+    reduction applied to our baseline's cost, which our run's cost and reduction give back. None when
+    either reduction is missing or ours removed everything."""
+    if not _finite(paper_reduction_pct, our_cost, our_reduction_pct) or float(our_reduction_pct) >= 100:
+        return None
+    baseline = float(our_cost) / (1 - float(our_reduction_pct) / 100)
+    return baseline * (1 - float(paper_reduction_pct) / 100)
+
+
 def _paper_rows(compared, published, arch: str):
     """Published rows for `arch`: those linked by our runs, and the rest of their papers' tables."""
     if published is None or published.empty:
@@ -118,24 +128,32 @@ def plot(compared, published, path: Path) -> int:
         ours = compared[(compared["arch"] == arch) & (compared["stage"] == "final")]
         paper = per_arch[arch]
         paper_by_id = {} if paper is None else {r["id"]: r for r in paper.to_dict("records")}
-        costless, drawn = False, set()
+        costless, from_reduction, drawn = False, False, set()
         for ax, (key, label) in zip(ax_row, PANELS):
             xs_all = []
             mine = [(r["params_nonzero"] if key == "params" and _finite(r["params_nonzero"]) else r[key], r["top1"],
-                     name(r["method"]), r["paper_row"]) for r in ours.to_dict("records")]
+                     name(r["method"]), r["paper_row"], r.get(f"{key}_reduction_pct")) for r in ours.to_dict("records")]
             mine = [m for m in mine if _finite(m[0], m[1])]
-            for x, y, method, link in mine:
+            for x, y, method, link, reduction in mine:
                 ax.scatter([x], [y], s=46, color=colour.get(method, "black"), edgecolors="black", linewidths=0.6,
                            zorder=3)
                 drawn.add(method)
                 row = paper_by_id.get(link)
                 if row is not None and _finite(row[key], row["top1"]):
                     ax.plot([x, row[key]], [y, row["top1"]], ls=":", lw=0.9, color="grey", zorder=1)
-                elif row is not None and _finite(row["top1"]):  # the paper prints no cost: its top-1 at ours
-                    ax.scatter([x], [row["top1"]], s=160, marker="_", color=colour.get(method, "black"),
-                               linewidths=1.6, zorder=2)
-                    ax.plot([x, x], [y, row["top1"]], ls=":", lw=0.9, color="grey", zorder=1)
-                    costless = True
+                elif row is not None and _finite(row["top1"]):
+                    scaled = cost_from_reduction(row.get(f"{key}_reduction_pct"), x, reduction)
+                    if scaled is not None:  # it prints a reduction: that reduction of our baseline
+                        ax.scatter([scaled], [row["top1"]], s=60, marker="D", facecolors="none",
+                                   edgecolors=[colour.get(method, "black")], linewidths=1.4, zorder=2)
+                        ax.plot([x, scaled], [y, row["top1"]], ls=":", lw=0.9, color="grey", zorder=1)
+                        xs_all.append(scaled)
+                        from_reduction = True
+                    else:  # no cost at all: its top-1 at ours
+                        ax.scatter([x], [row["top1"]], s=160, marker="_", color=colour.get(method, "black"),
+                                   linewidths=1.6, zorder=2)
+                        ax.plot([x, x], [y, row["top1"]], ls=":", lw=0.9, color="grey", zorder=1)
+                        costless = True
                 xs_all.append(x)
             for row in paper_by_id.values():
                 if _finite(row[key], row["top1"]):
@@ -143,7 +161,7 @@ def plot(compared, published, path: Path) -> int:
                                edgecolors=[colour.get(name(row["method"]), "black")], linewidths=1.4, zorder=2)
                     drawn.add(name(row["method"]))
                     xs_all.append(row[key])
-            front = pareto_front([(x, y) for x, y, _, _ in mine])
+            front = pareto_front([(x, y) for x, y, *_ in mine])
             if front:
                 fx, fy = zip(*front)
                 right = max(x for x, *_ in mine)
@@ -166,6 +184,9 @@ def plot(compared, published, path: Path) -> int:
             Line2D([], [], ls="", marker="o", color="grey", markeredgecolor="black", label="ours (final)"),
             Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="grey", label="paper"),
         ]
+        if from_reduction:
+            handles.append(Line2D([], [], ls="", marker="D", markerfacecolor="none", markeredgecolor="grey",
+                                  label="paper, printed reduction\nof our baseline's cost"))
         if costless:
             handles.append(Line2D([], [], ls="", marker="_", markersize=12, color="grey",
                                   label="paper top-1, no cost printed\n(drawn at our run's)"))

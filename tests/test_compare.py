@@ -208,6 +208,15 @@ def test_pareto_front():
     assert plot.pareto_front([]) == []
 
 
+def test_a_paper_that_prints_only_a_reduction_is_drawn_at_that_reduction_of_our_baseline():
+    # SCAP's abstract: -96.3 % params; our VGG-16-BN run kept 199,348 of 14,991,946 (-98.67 %)
+    at = plot.cost_from_reduction(96.3, 199_348, 98.67)
+    assert at == pytest.approx(14_991_946 * 0.037, rel=1e-3)  # 554.7k: 37 thousandths of our baseline
+    assert plot.cost_from_reduction(0.0, 500.0, 50.0) == pytest.approx(1000.0)  # no reduction: our baseline
+    assert plot.cost_from_reduction(float("nan"), 1.0, 50.0) is None  # the paper prints none
+    assert plot.cost_from_reduction(90.0, 0.0, 100.0) is None  # ours removed everything: no baseline to scale
+
+
 def test_plot_written_one_row_of_panels_per_arch(sweep, published_csv, tmp_path):
     table = joined(sweep, published_csv)
     published = compare.load_published(published_csv)

@@ -2,7 +2,6 @@
 PyTorch computes (ONNX Runtime and TorchScript), and bad input is one line with nothing written."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

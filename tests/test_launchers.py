@@ -3,7 +3,6 @@ own thread count), and the SLURM launcher config composes for submitit."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
