@@ -92,11 +92,25 @@ def test_target_params_ends_the_rounds_at_the_target_and_resumes():
         if method.step(model, ctx(), k, 1.0) is None:
             break
         counts.append(count_nonzero(model))
-    # 268 -> 219 (-43 conv, -6 fc: 20 % of each) -> 179 (-35, -5) -> 161 (-16, -2: only what the target
-    # 160.8 needs); then a round would remove nothing, and the schedule ends
-    assert baseline == 268 and counts == [268, 219, 179, 161]
-    assert counts[-1] <= 0.6 * baseline + 1 and counts[-1] >= 0.6 * baseline - 3
+    # 268 -> 219 (-43 conv, -6 fc: 20 % of each) -> 179 (-35, -5) -> 160 (-16, -3: exactly the 19 that
+    # bring it under the target 160.8, shared by what each layer has alive); then the schedule ends
+    assert baseline == 268 and counts == [268, 219, 179, 160]
+    assert counts[-1] <= 0.6 * baseline < counts[-1] + 1  # the target reached, not a weight more pruned
     assert aup(target_params=0.6).state_dict() == {"baseline_params": None}
+
+
+def test_the_round_that_reaches_the_target_removes_exactly_what_is_left():
+    from compress.methods.aup import removal_counts
+
+    # the ResNet-20 control run: 19 layers, 3 weights over the target; per-layer rounding removed nothing
+    alive = [64, 2304] * 9 + [640]
+    assert sum(removal_counts(alive, 3 / sum(alive))) == 0
+    counts = removal_counts(alive, 3 / sum(alive), total=3)
+    assert sum(counts) == 3 and counts == [0, 1, 0, 1, 0, 1] + [0] * 13  # the largest layers, first by index
+    # shares follow what each layer has alive; largest remainder settles the rest
+    assert removal_counts([138, 21], 19 / 159, total=19) == [16, 3]
+    assert removal_counts([5, 0, 7], 0.5, total=100) == [5, 0, 7]  # never more than is alive
+    assert removal_counts([216, 32], 0.05) == [11, 2]  # without a total: round(pr * alive) each
 
 
 @pytest.mark.parametrize("value", [0, 1, 1.5, True, "half"])

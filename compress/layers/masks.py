@@ -19,13 +19,15 @@ from torch.nn.utils import prune
 from compress import CompressError
 
 
-def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """A new mask that also zeroes the round(fraction * alive) smallest-magnitude weights still alive.
+def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, fraction: float, remove: int | None = None
+                   ) -> torch.Tensor:
+    """A new mask that also zeroes the round(fraction * alive) smallest-magnitude weights still alive (or
+    exactly `remove` of them when given).
 
     Exactly that many are removed (ties broken by index), so the per-round rate is what was asked for.
     """
     alive = int(mask.count_nonzero())
-    remove = math.floor(fraction * alive + 0.5)
+    remove = math.floor(fraction * alive + 0.5) if remove is None else min(int(remove), alive)
     if remove <= 0:
         return mask.clone()
     # Dead weights get +inf so that they are never chosen again.

@@ -11,6 +11,7 @@ state_dict). `meta` / `restore` also carry FGF layers (`compress.layers.fgf`), s
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -50,13 +51,36 @@ def prunable_layers(model: nn.Module, include: list[str], exclude: list[str]) ->
     ]
 
 
+def removal_counts(alive: list[int], fraction: float, total: int | None = None) -> list[int]:
+    """How many weights each layer loses this round: round(fraction * alive) each; or, with `total` (the
+    round that reaches method.target_params), `total` shared in proportion to what each layer has alive,
+    by largest remainder, so that they add up to exactly `total` (per-layer rounding alone left the target
+    a few weights short, and the next round's fraction then rounded to nothing in every layer)."""
+    if total is None:
+        return [math.floor(fraction * a + 0.5) for a in alive]
+    total = min(int(total), sum(alive))
+    shares = [total * a / max(sum(alive), 1) for a in alive]  # the same fraction of every layer, summing to total
+    counts = [min(math.floor(x), a) for x, a in zip(shares, alive)]
+    by_remainder = sorted(range(len(alive)), key=lambda i: (-(shares[i] - counts[i]), i))
+    short = total - sum(counts)
+    while short > 0:  # at most a few passes: each adds one weight to every layer that has one left
+        for i in by_remainder:
+            if short > 0 and counts[i] < alive[i]:
+                counts[i] += 1
+                short -= 1
+    return counts
+
+
 @torch.no_grad()
-def prune_round(layers: list[tuple[str, nn.Module]], fraction: float) -> dict[str, tuple[int, int]]:
-    """Prune `fraction` of each layer's alive weights; returns {name: (removed, still alive)}."""
+def prune_round(layers: list[tuple[str, nn.Module]], fraction: float, total: int | None = None
+                ) -> dict[str, tuple[int, int]]:
+    """Prune `fraction` of each layer's alive weights (exactly `total` in all, when given: see
+    `removal_counts`); returns {name: (removed, still alive)}."""
     report = {}
-    for name, module in layers:
-        mask = masks.current_mask(module)
-        new_mask = masks.magnitude_mask(masks.raw_weight(module) * mask, mask, fraction)
+    current = [masks.current_mask(module) for _, module in layers]
+    counts = removal_counts([int(m.count_nonzero()) for m in current], fraction, total)
+    for (name, module), mask, remove in zip(layers, current, counts):
+        new_mask = masks.magnitude_mask(masks.raw_weight(module) * mask, mask, fraction, remove=remove)
         removed = int(mask.count_nonzero()) - int(new_mask.count_nonzero())
         if removed:
             masks.set_mask(module, new_mask)
@@ -131,17 +155,21 @@ class AUP(Method):
         self.baseline_params = count_nonzero(model)
         return model
 
-    def round_fraction(self, model: nn.Module, layers: list[tuple[str, nn.Module]], step_scale: float) -> float:
-        """This round's fraction of each layer's alive weights: `pr * step_scale`, or with `target_params`
-        only what brings the non-zero parameters down to the target (0 once they are there)."""
+    def round_plan(self, model: nn.Module, layers: list[tuple[str, nn.Module]], step_scale: float
+                   ) -> tuple[float, int | None]:
+        """This round's fraction of each layer's alive weights, `pr * step_scale`; with `target_params`
+        only what brings the non-zero parameters down to the target (0 once they are there), and on the
+        round that reaches it the exact number of weights to remove (second item; None otherwise)."""
         fraction = self.options.pr * step_scale
         if self.options.target_params is None:
-            return fraction
+            return fraction, None
         if self.baseline_params is None:  # a step without `prepare` (a model.pt pruned further): start here
             self.baseline_params = count_nonzero(model)
-        excess = count_nonzero(model) - self.options.target_params * self.baseline_params
+        excess = math.ceil(count_nonzero(model) - self.options.target_params * self.baseline_params - 1e-9)
         alive = sum(int(masks.current_mask(m).count_nonzero()) for _, m in layers)
-        return 0.0 if excess <= 0 or alive == 0 else min(fraction, excess / alive)
+        if excess <= 0 or alive == 0:
+            return 0.0, None
+        return (fraction, None) if fraction * alive < excess else (excess / alive, excess)
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         layers = prunable_layers(model, self.prune_layers, self.keep_layers)
@@ -152,12 +180,12 @@ class AUP(Method):
 
     def step(self, model: nn.Module, ctx: Context, round_index: int, step_scale: float) -> nn.Module | None:
         layers = self.layers(model)
-        fraction = self.round_fraction(model, layers, step_scale)
+        fraction, exact = self.round_plan(model, layers, step_scale)
         if fraction <= 0:
             ctx.log.info("aup: %d non-zero parameters, at most method.target_params=%g of the baseline's %d: "
                          "pruning is over", count_nonzero(model), self.options.target_params, self.baseline_params)
             return None
-        report = prune_round(layers, fraction)
+        report = prune_round(layers, fraction, exact)
         removed = sum(r for r, _ in report.values())
         alive, total = masks.sparsity_report(model)
         ctx.log.info("aup round %d: pruned %.4f of each layer's remaining weights (%d removed); "
