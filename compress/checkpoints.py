@@ -29,6 +29,15 @@ def is_url(spec: str) -> bool:
     return urllib.parse.urlparse(spec).scheme in ("http", "https", "ftp")
 
 
+def _first_file(relative: Path, dirs: Sequence[str]) -> Path | None:
+    """`relative` below the first of `dirs` that holds it as a file."""
+    for d in dirs:
+        cand = Path(d).expanduser() / relative
+        if cand.is_file():
+            return cand
+    return None
+
+
 def resolve(spec: str, weights_dirs: Sequence[str], cache_dir: Path) -> Path:
     """A local file for `spec`: a path; a relative one not found from here is looked up in `weights_dirs`,
     then in the project's committed `weights/` (the CIFAR VGG-16-BN's config names its file); or a URL found
@@ -40,18 +49,16 @@ def resolve(spec: str, weights_dirs: Sequence[str], cache_dir: Path) -> Path:
             return path
         if not path.is_absolute():
             dirs = [*weights_dirs, str(PROJECT_WEIGHTS)]
-            for d in dirs:
-                cand = Path(d).expanduser() / path
-                if cand.is_file():
-                    return cand
+            found = _first_file(path, dirs)
+            if found is not None:
+                return found
             raise CompressError(f"arch.checkpoint: no such file: {path} (looked here, in paths.weights and the "
                                 f"project's weights/: {', '.join(dirs)})")
         raise CompressError(f"arch.checkpoint: no such file: {path}")
     name = Path(urllib.parse.urlparse(spec).path).name
-    for d in [*weights_dirs, str(cache_dir / "checkpoints")]:
-        cand = Path(d).expanduser() / name
-        if cand.is_file():
-            return cand
+    found = _first_file(Path(name), [*weights_dirs, str(cache_dir / "checkpoints")])
+    if found is not None:
+        return found
     dest = cache_dir / "checkpoints" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     m = re.search(r"-([a-f0-9]{6,})\.", name)

@@ -19,6 +19,11 @@ from torch.nn.utils import prune
 from compress import CompressError
 
 
+def rounded_count(fraction: float, alive: int) -> int:
+    """round(fraction * alive), halves up: how many of `alive` weights a per-layer rate removes."""
+    return math.floor(fraction * alive + 0.5)
+
+
 def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, fraction: float, remove: int | None = None
                    ) -> torch.Tensor:
     """A new mask that also zeroes the round(fraction * alive) smallest-magnitude weights still alive (or
@@ -27,7 +32,7 @@ def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, fraction: float, re
     Exactly that many are removed (ties broken by index), so the per-round rate is what was asked for.
     """
     alive = int(mask.count_nonzero())
-    remove = math.floor(fraction * alive + 0.5) if remove is None else min(int(remove), alive)
+    remove = rounded_count(fraction, alive) if remove is None else min(int(remove), alive)
     if remove <= 0:
         return mask.clone()
     # Dead weights get +inf so that they are never chosen again.

@@ -57,7 +57,7 @@ def removal_counts(alive: list[int], fraction: float, total: int | None = None) 
     by largest remainder, so that they add up to exactly `total` (per-layer rounding alone left the target
     a few weights short, and the next round's fraction then rounded to nothing in every layer)."""
     if total is None:
-        return [math.floor(fraction * a + 0.5) for a in alive]
+        return [masks.rounded_count(fraction, a) for a in alive]
     total = min(int(total), sum(alive))
     shares = [total * a / max(sum(alive), 1) for a in alive]  # the same fraction of every layer, summing to total
     counts = [min(math.floor(x), a) for x, a in zip(shares, alive)]
