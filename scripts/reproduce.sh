@@ -48,7 +48,8 @@ case "$table" in
                                    schedule.epochs=5 measure.latency=false)
     sweep rows experiment=fgfp_resnet20 "${budget[@]}" "$@" ;;
   scap-vgg16)           # SCAP: VGG-16-BN / CIFAR-10, threshold 0.6 (the committed VGG-16-BN, weights/).
-    # --quick: SCAP, then 1 fine-tuning epoch of the pruned network (a few minutes here).
+    # --quick: SCAP, then 1 fine-tuning epoch of the pruned network (SCAP's scoring of VGG-16-BN takes
+    # ~4 min here, docs/scap.md; the unpruned evaluation ~3 min).
     budget=(); is_quick && budget=(schedule.epochs=1 measure.latency=false)
     sweep rows experiment=scap_vgg16 "${budget[@]}" "$@" ;;
   all)
