@@ -22,11 +22,10 @@ import statistics
 import sys
 import time
 
-import compress  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts OpenMP)
+from compress import models, train  # first: the package sets OMP_WAIT_POLICY before torch starts OpenMP
 import torch
 import torch.nn.functional as F
 
-from compress import models, train
 from compress.config import ScheduleConfig
 from compress.runtime import tune_allocator
 from compress.data import TensorSplit

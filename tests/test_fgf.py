@@ -253,9 +253,9 @@ def test_options_are_a_typed_schema_with_one_set_of_defaults():
     with pytest.raises(ConfigKeyError):
         OmegaConf.merge(schema, {"sigma": 1.0})
     # union-valued options: an int, a glob or a list of globs
-    for layers in (3, "layer3.*", ["layer3.*", "conv1"]):
-        options = OmegaConf.to_object(OmegaConf.merge(schema, {"layers": layers, "fit_init_orders": [1]}))
-        assert options.layers == layers and options.fit_init_orders == [1.0]
+    for chosen in (3, "layer3.*", ["layer3.*", "conv1"]):
+        options = OmegaConf.to_object(OmegaConf.merge(schema, {"layers": chosen, "fit_init_orders": [1]}))
+        assert options.layers == chosen and options.fit_init_orders == [1.0]
         assert isinstance(FGFP(options), FGFP)
 
 
