@@ -1,9 +1,9 @@
 """Shared test helpers: where ../shared is, the `needs_shared` marker, the `threads` fixture, and running
 `compress` as a user would.
 
-Tiers: `make test` (CI) runs `pytest -m "not slow"`; `make test-full` runs everything. Mark a test
-`@pytest.mark.slow` when it is a long end-to-end run (every experiment in smoke mode, the wheel build, a
-sweep over real data); `make test` must stay within 5 minutes on a 2-core machine.
+Tiers: `make test` (CI) runs `pytest -m "not slow" -n 2` (pytest-xdist, one worker a core); `make test-full`
+runs everything. Mark a test `@pytest.mark.slow` when it is a long end-to-end run (every experiment in smoke
+mode, the wheel build, a sweep over real data); `make test` must stay within 5 minutes on a 2-core machine.
 """
 from __future__ import annotations
 
