@@ -130,7 +130,6 @@ class Run:
     def _rounds(self, model: nn.Module) -> nn.Module:
         s = self.config.schedule
         plan = IterativeSchedule.from_config(s, self.ledger.get("baseline_val_top1"))
-        round_sched = dataclasses.replace(s, epochs=s.round_epochs)
         while not self.ledger.get("rounds_over") and self.ledger.get("round", 0) < plan.rounds:
             k = self.ledger.get("round", 0) + 1
             started = time.perf_counter()
@@ -141,6 +140,7 @@ class Run:
                 self.ledger.save(self._pack(snapshot), self.method.state_dict(), rounds_over=True)
                 return snapshot
             # A round's fine-tune is redone from the round's start when interrupted (its step is deterministic).
+            round_sched = dataclasses.replace(s, epochs=self.method.round_epochs(s.round_epochs))
             candidate = self._fit(candidate.to(self.device), round_sched, f"round_{k}", resumable=False)
             val_top1 = self._evaluate(candidate, self.data.val, "val")["top1"]
             if plan.accepts(val_top1):

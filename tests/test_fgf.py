@@ -591,6 +591,33 @@ def test_a_conversion_rolled_back_by_the_pipeline_stays_ordinary(tmp_path, monke
     assert packed["state_dict"]["layer3.2.conv2.weight"].shape == (64, 64, 3, 3)  # ordinary
 
 
+def test_conversion_rounds_fine_tune_convert_epochs_and_pruning_rounds_the_schedules(tmp_path, monkeypatch, threads):
+    # method.convert_epochs: a conversion re-initialises a layer, so its round may recover longer (measured on
+    # ResNet-20: a second conversion rolled back after 2 capped epochs passes after 4; docs/fgfp.md)
+    epochs: dict[str, int] = {}
+    fit = Run._fit
+
+    def recording_fit(self, model, sched, stage, resumable=True):
+        epochs[stage] = sched.epochs
+        return fit(self, model, sched, stage, resumable)
+
+    monkeypatch.setattr(Run, "_fit", recording_fit)
+    _, rows, state, _ = fgfp_run(tmp_path, "run", "limits.rounds=7", "method.convert_epochs=2",
+                                 "schedule.round_epochs=1", "schedule.epochs=1")
+    assert epochs == {**{f"round_{k}": 2 for k in range(1, 6)}, "round_6": 1, "round_7": 1, "final": 1}
+    assert state["method_state"]["converted"] == STAGE3 and rows[-1]["rounds_accepted"] == "7"
+    # unset: every round fine-tunes the schedule's round_epochs
+    method = fgfp(layers="conv3", fit_steps=0, pr=0.5)
+    assert method.step(method.prepare(Tiny(), ctx()), ctx(), 1, 1.0) is not None
+    assert method.converting and method.round_epochs(3) == 3
+    method = fgfp(layers="conv3", fit_steps=0, pr=0.5, convert_epochs=4)
+    model = method.prepare(Tiny(), ctx())
+    assert method.step(model, ctx(), 1, 1.0) is not None and method.round_epochs(3) == 4  # the conversion
+    assert method.step(model, ctx(), 2, 1.0) is not None and method.round_epochs(3) == 3  # an AUP round
+    with pytest.raises(CompressError, match="convert_epochs"):
+        fgfp(convert_epochs=0)
+
+
 def test_target_params_counts_from_the_model_before_any_conversion():
     """FGFP's AUP rounds stop at method.target_params of the *unconverted* model's parameters: prepare
     records them (state_dict()["aup"], kept through resume) before any layer becomes an FGF."""

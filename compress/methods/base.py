@@ -120,6 +120,13 @@ class Method:
         """
         raise CompressError(f"method '{self.name}' has no iterative step; set schedule.rounds=0")
 
+    def round_epochs(self, scheduled: int) -> int:
+        """Fine-tuning epochs for the round just stepped (asked after `step`, before the round's fine-tune).
+        Default: `scheduled`, the schedule's round_epochs; a method whose steps differ in how much they take
+        away (FGFP: a conversion re-initialises a layer, a pruning step removes a few weights) may ask for
+        more after some of them."""
+        return scheduled
+
     def state_dict(self) -> dict:
         """Plain-data state the method carries between rounds (saved for resume)."""
         return {}

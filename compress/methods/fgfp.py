@@ -26,7 +26,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
@@ -104,6 +104,9 @@ class FGFPOptions(AUPOptions):
     # one_by_one: one layer per round (largest first), each judged by the round's threshold; all: every
     # layer in prepare
     convert: str = "one_by_one"
+    # one_by_one: fine-tuning epochs of a conversion round (null: the schedule's round_epochs, as a pruning
+    # round); a conversion re-initialises a layer and may need a longer recovery than a pruning step
+    convert_epochs: Optional[int] = None
     # Grunwald-Letnikov terms L
     terms: int = 15
     # Grunwald-Letnikov step h (in grid units)
@@ -140,6 +143,8 @@ class FGFPOptions(AUPOptions):
               "layers", "a number of layers >= 1, a glob pattern or a list of them")
         self.check(isinstance(self.skip_strided, bool), "skip_strided", "true or false")
         self.check(self.convert in CONVERT, "convert", f"one of {', '.join(CONVERT)}")
+        self.check(self.convert_epochs is None or is_count(self.convert_epochs, 1), "convert_epochs",
+                   "null or an integer >= 1")
         self.check(is_count(self.terms, 1, MAX_TERMS), "terms", f"an integer in [1, {MAX_TERMS}]")
         self.check(positive(self.step), "step", "a finite number > 0")
         self.check(self.grid in fgf.GRIDS, "grid", f"one of {', '.join(fgf.GRIDS)}")
@@ -185,6 +190,7 @@ class FGFP(Method):
         self.rounds = AUP(AUPOptions(pr=o.pr, prune_layers=o.prune_layers, keep_layers=o.keep_layers,
                                      target_params=o.target_params))
         self.progress = fresh_state()
+        self.converting = False  # the last step converted a layer (its round may fine-tune longer)
 
     # -- conversion -------------------------------------------------------------------------------------
     def _convert(self, model: nn.Module, names: list[str], ctx: Context) -> None:
@@ -251,6 +257,7 @@ class FGFP(Method):
         if p["order"] is None:  # a step without `prepare`: choose now
             p["order"] = self._choose(model)
         name = self.next_layer()
+        self.converting = name is not None
         if name is not None:
             left = len(p["order"]) - len(p["converted"]) - len(p["skipped"]) - 1
             ctx.log.info("fgfp round %d: converting %s (%d more after it)", round_index, name, left)
@@ -261,6 +268,12 @@ class FGFP(Method):
             ctx.log.info("fgfp: method.prune_layers is empty: FGF conversion only, no pruning rounds")
             return None
         return self.rounds.step(model, ctx, round_index, step_scale)
+
+    def round_epochs(self, scheduled: int) -> int:
+        """A conversion round fine-tunes `convert_epochs` when set; a pruning round what the schedule says."""
+        if self.converting and self.options.convert_epochs is not None:
+            return self.options.convert_epochs
+        return scheduled
 
     def state_dict(self) -> dict:
         return {**copy.deepcopy(self.progress), "aup": self.rounds.state_dict()}
