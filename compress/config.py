@@ -364,6 +364,9 @@ class Config:
             from compress import papers
 
             papers.check(self.paper_row, "paper_row")
+            if dataclasses.is_dataclass(self.arch) and self.arch.source != "compress":
+                _fail("paper_row", f"{self.paper_row} is a published row of the papers' {papers.row(self.paper_row)['arch']}, "
+                      f"not of arch.source={self.arch.source} models; remove paper_row")
         if not self.paths.cache.strip():
             _fail("paths.cache", "is empty")
         if dataclasses.is_dataclass(self.schedule):

@@ -52,6 +52,8 @@ def test_torchvision_builders_get_the_classes_and_kwargs():
     (["arch=module", "arch.target=a:b:c"], "arch.target", "package.module:callable"),
     (["arch=resnet20", "arch.target=tests.own_nets:TinyNet"], "arch.target", "arch=module only"),
     (["arch.name=mobilenet_v2"], "arch.name", "arch=torchvision"),
+    (["arch=torchvision", "arch.name=resnet18", "paper_row=approxconv-t1-resnet20-cheb-2222"], "paper_row",
+     "published row of the papers' resnet20"),
 ])
 def test_bad_arch_values_fail_at_composition_with_one_line(overrides, key, words):
     with pytest.raises(CompressError) as excinfo:
@@ -197,3 +199,15 @@ def test_own_module_runs_prunes_resumes_and_exports(tmp_path, capsys):
 
     cli.export_model([str(run_dir), "--images", "8"])
     assert f"({TINY}, method l1)" in capsys.readouterr().out and (run_dir / "model.onnx").is_file()
+
+
+def test_runs_started_before_the_builder_keys_existed_still_resume():
+    import dataclasses
+
+    from compress.ledger import fingerprint
+
+    config = dataclasses.asdict(compose(["dataset=synthetic", "arch.checkpoint=random"]))
+    before = {**config, "arch": {k: v for k, v in config["arch"].items() if k not in ("source", "target", "kwargs")}}
+    assert fingerprint(config) == fingerprint(before)
+    other = dataclasses.asdict(compose(["dataset=synthetic", "arch.checkpoint=random", "arch.kwargs={width:4}"]))
+    assert fingerprint(other) != fingerprint(config)
