@@ -28,6 +28,8 @@ LATER_KEYS = {
     **{f"{group}.{key}": value for group in ("schedule", "pretrain") for key, value in
        (("distill", 0.0), ("temperature", 4.0), ("distill_features", []), ("feature_weight", 1.0))},
     "measure.ort_latency": True,
+    # the builder spec (docs/own-model.md); runs of the papers' architectures leave them at these
+    "arch.source": "compress", "arch.target": None, "arch.kwargs": {},
 }
 
 
