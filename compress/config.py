@@ -85,7 +85,8 @@ class DatasetConfig:
         require_choice(self.val_from, "dataset.val_from", VAL_SOURCES)
         _int_in("dataset.num_classes", self.num_classes, 2, 100_000, allow_none=True)
         _int_in("dataset.image_size", self.image_size, 8, 1024)
-        _int_in("dataset.val_size", self.val_size, 1, allow_none=True)
+        require(self.val_size is None or is_count(self.val_size, 1, MAX_COUNT), "dataset.val_size",
+                f"an integer in [1, {MAX_COUNT}] or null (a tenth of the training images)", self.val_size)
         _int_in("dataset.train_size", self.train_size, 1, allow_none=True)
         _int_in("dataset.test_size", self.test_size, 1, allow_none=True)
         _int_in("dataset.split_seed", self.split_seed, 0, MAX_SEED)

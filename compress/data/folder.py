@@ -32,7 +32,8 @@ TEST_FOLDERS = ("test", "val")
 
 
 def decode_workers() -> int:
-    return min(8, 2 * len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return min(8, 2 * cores)  # decoders wait on the file system too: two threads a core
 
 
 def image_files() -> tuple[str, ...]:
