@@ -281,3 +281,19 @@ def test_a_corrupted_copy_of_the_cifar_folder_skips_or_names_the_bad_files(tmp_p
     assert len(data.train) + len(data.val) == 30 - 1 and len(data.test) == 30
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warning.startswith(f"dataset.bad_files=skip: skipped 2 unreadable files (first: {first}: ")
+
+
+def test_an_image_already_at_image_size_is_read_pixel_exact(tmp_path):
+    """Resize and crop are the identity at the image's own size: a CIFAR-like 32x32 PNG folder reads the same
+    pixels as the CIFAR-10 loader's decoder (torchvision.io), so a CIFAR checkpoint sees what it was trained on."""
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    from compress.data.folder import decode
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    assert torch.equal(decode(path, 32), decode_png(read_file(str(path)), ImageReadMode.RGB))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(wide)  # 48 wide, 32 high
+    assert torch.equal(decode(wide, 32), decode_png(read_file(str(wide)), ImageReadMode.RGB)[:, :, 8:40])  # centre crop

@@ -150,7 +150,10 @@ def load_imagefolder(cfg: DatasetConfig, cache_dir: Path) -> FolderImages:
     if not cfg.root:
         raise CompressError("dataset.root: dataset=imagefolder needs dataset.root=DIR (DIR/train/<class>/ and DIR/test/<class>/ or val/)")
     root = Path(cfg.root).expanduser()
-    listings = {name: _list_split(folder) for name, folder in find_splits(root).items()}
+    try:
+        listings = {name: _list_split(folder) for name, folder in find_splits(root).items()}
+    except OSError as e:  # a folder we may not list (permissions), a file vanishing while we look
+        raise CompressError(f"dataset.root: cannot list {root}: {reason(e)}") from None
     size = cfg.image_size
     count = sum(len(listing.files) for listing in listings.values())
     decoded_mb = count * 3 * size * size / 2**20
@@ -209,7 +212,8 @@ def _classes(listings: dict[str, Listing], decoded: dict, policy: str) -> tuple[
     classes = sorted(train)
     splits = {}
     for name, listing in listings.items():
-        to_class = torch.tensor([classes.index(c) if c in train else -1 for c in listing.classes], dtype=torch.int64)
+        position = {c: i for i, c in enumerate(classes)}
+        to_class = torch.tensor([position.get(c, -1) for c in listing.classes], dtype=torch.int64)
         splits[name] = {**decoded[name], "y": to_class[decoded[name]["y"]]}
     return classes, splits
 
