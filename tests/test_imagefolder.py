@@ -297,3 +297,18 @@ def test_an_image_already_at_image_size_is_read_pixel_exact(tmp_path):
     wide = tmp_path / "wide.png"
     Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(wide)  # 48 wide, 32 high
     assert torch.equal(decode(wide, 32), decode_png(read_file(str(wide)), ImageReadMode.RGB)[:, :, 8:40])  # centre crop
+
+
+def test_imagenet_computes_a_null_normalisation_from_a_sample_of_its_training_split(tmp_path):
+    """dataset=imagenet streams: its sample (here every training image: fewer than the sample's size) gives
+    the same exact pixel sums, hence the same values, as the cached imagefolder path on the same split."""
+    root = make_folder(tmp_path / "f", test_name="val")
+    common = dict(root=str(root), val_size=None, image_size=16)
+    streamed = build.load(DatasetConfig(name="imagenet", **common), mean=None, std=None, search=[],
+                          cache_dir=tmp_path / "cache", device=CPU)
+    cached = load(root, tmp_path)
+    assert streamed.mean == cached.mean and streamed.std == cached.std
+    assert streamed.num_classes == 3 and streamed.classes == cached.classes
+    given = build.load(DatasetConfig(name="imagenet", **common), mean=[0.5] * 3, std=[0.2] * 3, search=[],
+                       cache_dir=tmp_path / "cache", device=CPU)
+    assert given.mean == pytest.approx((0.5,) * 3) and given.std == pytest.approx((0.2,) * 3)

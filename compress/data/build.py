@@ -16,6 +16,7 @@ from compress.data.synthetic import make_synthetic
 
 SYNTHETIC_MAX_BYTES = 512 * 2**20  # uint8 pixels of a generated data set
 CIFAR_CLASSES = 10
+STREAMED_STATS_SAMPLE = 2000  # images a null arch.mean / arch.std is computed from for dataset=imagenet
 VAL_FRACTION = 10  # dataset.val_size=null holds out a tenth of the training images (at least 1)
 
 log = logging.getLogger("compress")
@@ -182,22 +183,26 @@ def _load_imagefolder(cfg: DatasetConfig, mean, std, cache_dir: Path, device: to
 
 
 def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
-    from compress.data.imagenet import FolderSplit, imagenet_splits
+    from compress.data.folder import sample_moments
+    from compress.data.imagenet import FolderSplit, imagenet_folders, imagenet_transforms
 
     root, tried = _find_root("imagenet", cfg.root, search)
     if not (root / "train").is_dir():
         where = ", ".join(str(p) for p in tried)
         raise CompressError(f"dataset.root: ImageNet not found (looked in: {where}); set dataset.root=/path/to/imagenet "
                             "(an ImageFolder tree with train/ and val/)")
-    if mean is None or std is None:
-        raise CompressError(f"arch.{'mean' if mean is None else 'std'}: dataset=imagenet streams through torchvision's "
-                            "transforms, which need the normalisation given (the ImageNet arch presets give it)")
     size = cfg.image_size
-    train_ds, val_ds, train_tf, eval_tf = imagenet_splits(root, mean, std, size)
+    train_ds, val_ds = imagenet_folders(root)
     idx = split_indices(len(train_ds), len(val_ds), cfg)
+    # Streamed: a null arch.mean / arch.std is computed from a fixed random sample of the training split.
+    sample = idx["train"][torch.randperm(len(idx["train"]), generator=torch.Generator().manual_seed(cfg.split_seed + 3))
+                          [:STREAMED_STATS_SAMPLE]]
+    mean_t, std_t = normalisation(mean, std, lambda: sample_moments([Path(train_ds.samples[i][0]) for i in sample.tolist()], size),
+                                  size * size)
+    train_tf, eval_tf = imagenet_transforms(mean_t.tolist(), std_t.tolist(), size)
     mk = lambda ds, i: FolderSplit(ds, i, train_tf, eval_tf, channels_last)  # noqa: E731
     # ImageNet's own val/ folder plays the test set; val_from=test halves it.
     return Data(name="imagenet", num_classes=cfg.num_classes or len(train_ds.classes), image_shape=(3, size, size),
                 train=mk(train_ds, idx["train"]), val=mk(val_ds if cfg.val_from == "test" else train_ds, idx["val"]),
                 test=mk(val_ds, idx["test"]), source=str(root), identity=f"imagenet:{root.resolve()}", val_from=cfg.val_from,
-                mean=tuple(mean), std=tuple(std), classes=tuple(train_ds.classes))
+                mean=tuple(mean_t.tolist()), std=tuple(std_t.tolist()), classes=tuple(train_ds.classes))

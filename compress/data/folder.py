@@ -134,6 +134,15 @@ def _decode_listing(listing: Listing, root: Path, size: int, keep_pixels: bool) 
     return out
 
 
+def sample_moments(paths: list[Path], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pixel_moments` of the readable ones of `paths`, decoded as above (no pixels kept): the normalisation
+    of a data set too large to decode whole, from a sample of it."""
+    paths = [p.resolve() for p in paths]
+    listing = Listing(Path("/"), ["sample"], paths, torch.zeros(len(paths), dtype=torch.int64))
+    decoded = _decode_listing(listing, Path("/"), size, keep_pixels=False)
+    return decoded["sums"], decoded["squares"]
+
+
 @dataclass
 class FolderImages:
     """A loaded image folder: per split (train, test) the uint8 images (cached) or the files (streamed),
