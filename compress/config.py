@@ -48,32 +48,50 @@ def _number_in(key: str, value: Any, low: float, high: float, *, low_open: bool 
 VAL_SOURCES = ("train", "test")
 
 
+DATASETS = ("cifar10", "imagefolder", "imagenet", "synthetic")
+BAD_FILES = ("skip", "error")
+MAX_CACHE_MB = 1_000_000  # a terabyte: beyond any machine's memory, so any bound a user means is in range
+
+
 @dataclass
 class DatasetConfig:
-    name: str = "cifar10"          # cifar10 | imagenet | synthetic
-    root: Optional[str] = None     # data folder; null: look for <name>/ in each of paths.data
+    name: str = "cifar10"          # cifar10 | imagefolder | imagenet | synthetic
+    root: Optional[str] = None     # data folder; null: look for <name>/ in each of paths.data (imagefolder: required)
     download: bool = False         # let torchvision download CIFAR-10 into root when missing (needs internet)
-    num_classes: int = 10
-    image_size: int = 32
+    # null: the data's own class count (CIFAR-10: 10, imagefolder: its class folders, synthetic: 10); a value
+    # that disagrees with the data stops the run (synthetic: generates that many classes).
+    num_classes: Optional[int] = None
+    image_size: int = 32           # the side the model sees (imagefolder: shorter side resized to it, centre crop)
     # Where the validation images (every decision: best epoch, rollback, accuracy-driven methods) come from:
     # train: `val_size` images held out of the training set; test: a fixed half of the test set (chosen by
     # split_seed), the other half being the reported test set. Use test for checkpoints trained on the whole
     # training set (the published CIFAR ResNets): a split of train/ reads ~100 % for them, so decisions are blind.
     val_from: str = "train"        # train | test
-    val_size: int = 5000           # with val_from=train: held out of the training set (ignored with test)
+    # with val_from=train: held out of the training set (ignored with test); null: a tenth of the training
+    # images, at least 1 (the imagefolder preset's choice, for folders of a few hundred images)
+    val_size: Optional[int] = 5000
     train_size: Optional[int] = None   # limit the training images (quick runs); null: all that remain after val
     test_size: Optional[int] = None    # limit the test images; null: all of them
     split_seed: int = 0            # the val split is fixed by this, not by the run seed
+    # imagefolder: decode every image once into a uint8 cache (paths.cache) when the decoded pixels
+    # (images x 3 x image_size^2 bytes) fit in this many MiB; otherwise stream batches from the files.
+    cache_max_mb: int = 2048
+    # A file that cannot be read as an image (not an image, truncated; CIFAR-10: not 32x32), or an empty
+    # class folder: skip (one warning line counting them and naming the first) | error (stop, naming it).
+    bad_files: str = "skip"
 
     def __post_init__(self) -> None:
-        require_choice(self.name, "dataset.name", ("cifar10", "imagenet", "synthetic"))
+        require_choice(self.name, "dataset.name", DATASETS)
         require_choice(self.val_from, "dataset.val_from", VAL_SOURCES)
-        _int_in("dataset.num_classes", self.num_classes, 2, 100_000)
+        _int_in("dataset.num_classes", self.num_classes, 2, 100_000, allow_none=True)
         _int_in("dataset.image_size", self.image_size, 8, 1024)
-        _int_in("dataset.val_size", self.val_size, 1)
+        require(self.val_size is None or is_count(self.val_size, 1, MAX_COUNT), "dataset.val_size",
+                f"an integer in [1, {MAX_COUNT}] or null (a tenth of the training images)", self.val_size)
         _int_in("dataset.train_size", self.train_size, 1, allow_none=True)
         _int_in("dataset.test_size", self.test_size, 1, allow_none=True)
         _int_in("dataset.split_seed", self.split_seed, 0, MAX_SEED)
+        _int_in("dataset.cache_max_mb", self.cache_max_mb, 0, MAX_CACHE_MB)
+        require_choice(self.bad_files, "dataset.bad_files", BAD_FILES)
 
 
 # arch.checkpoint values that ask for weights from a model hub: no downloads here for the generic sources
@@ -106,8 +124,10 @@ class ArchConfig:
     #   For source torchvision / timm / module hub weights are refused (no downloads at run time): save them
     #   where you have a network (torch.save(model.state_dict(), "w.pth")) and pass the file.
     checkpoint: Optional[str] = None
-    mean: List[float] = MISSING    # input normalisation these weights expect (on [0, 1] RGB)
-    std: List[float] = MISSING
+    # Input normalisation these weights expect (on [0, 1] RGB); null: computed from the training split's
+    # images (per channel, logged). The presets give their weights' values.
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
 
     @property
     def spec(self):
@@ -126,9 +146,11 @@ class ArchConfig:
         self._check_builder()
         for key in ("mean", "std"):
             values = getattr(self, key)
+            if values is None:
+                continue
             if len(values) != 3 or not all(is_number(v) for v in values):
                 _fail(f"arch.{key}", f"must be three finite numbers (R, G, B), got {values!r}")
-        if not all(s > 0 for s in self.std):
+        if self.std is not None and not all(s > 0 for s in self.std):
             _fail("arch.std", f"must be positive, got {self.std!r}")
         if self.checkpoint is not None and not self.checkpoint.strip():
             _fail("arch.checkpoint", "is empty (give a path, a URL, torchvision, random or null)")

@@ -123,7 +123,7 @@ class Run:
             row.update(self._rounds_summary())
         if stage == "final" and self.config.measure.attacks:  # robust top-1 columns (compress/attacks.py)
             c = self.config
-            row.update(attacks.robust_columns(produced, self.data.test, c.measure, mean=c.arch.mean, std=c.arch.std,
+            row.update(attacks.robust_columns(produced, self.data.test, c.measure, mean=self.data.mean, std=self.data.std,
                                               seed=c.seed, amp=c.schedule.amp, device=self.device))
         self._record(row, produced, **({"baseline_val_top1": row["val_top1"]} if stage == "baseline" else {}))
         return produced

@@ -208,7 +208,7 @@ def check_images(saved: Saved, count: int, seed: int = 0) -> tuple[torch.Tensor,
     seeded random inputs (and the returned label says which)."""
     config = saved.config or {}
     dataset, arch, paths = config.get("dataset"), config.get("arch") or {}, config.get("paths") or {}
-    if dataset and dataset.get("name") != "synthetic" and arch.get("mean") and arch.get("std"):
+    if dataset and dataset.get("name") != "synthetic":  # a null arch.mean / arch.std: computed again, the same way
         from compress import data as datasets
         from compress.config import DatasetConfig
 
@@ -217,7 +217,7 @@ def check_images(saved: Saved, count: int, seed: int = 0) -> tuple[torch.Tensor,
             cfg = DatasetConfig(**{k: v for k, v in dataset.items() if k in fields})
             search = [p for p in paths.get("data") or [] if isinstance(p, str) and "${" not in p] + ["data", "../shared"]
             cache = Path(os.environ.get("COMPRESS_CACHE", "~/.cache/compress")).expanduser()
-            loaded = datasets.load(cfg, mean=arch["mean"], std=arch["std"], search=search, cache_dir=cache,
+            loaded = datasets.load(cfg, mean=arch.get("mean"), std=arch.get("std"), search=search, cache_dir=cache,
                                    device=torch.device("cpu"), channels_last=False)
             images, _ = next(loaded.test.batches(count))
             return images, f"{len(images)} test images of {loaded.source}"

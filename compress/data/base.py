@@ -23,6 +23,14 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     return padded[batch_idx, chan_idx, rows, cols]
 
 
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float `(pixels / 255 - mean) / std`, channels-last when asked."""
+    mean = mean.to(images.device).view(1, -1, 1, 1)
+    std = std.to(images.device).view(1, -1, 1, 1)
+    x = (images.float().div_(255.0) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 class Split(Protocol):
     """What training, evaluation and calibration need from a data split."""
 
@@ -52,10 +60,7 @@ class TensorSplit:
                            self.channels_last, self.padding)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.mean.to(images.device).view(1, -1, 1, 1)
-        std = self.std.to(images.device).view(1, -1, 1, 1)
-        x = (images.float().div_(255.0) - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalise(images, self.mean, self.std, self.channels_last)
 
     def batches(self, batch_size, *, shuffle=False, augment=False, generator=None, max_batches=None):
         n = len(self)
@@ -83,3 +88,6 @@ class Data:
     source: str  # where it came from, for the log
     identity: str  # what the images are (a content key, not a path): caches derived from the data are keyed by it
     val_from: str = "train"  # the validation images: held out of train, or a half of the test set
+    mean: tuple[float, ...] = ()  # the normalisation the batches carry (arch.mean, or computed from train)
+    std: tuple[float, ...] = ()
+    classes: tuple[str, ...] = ()  # class names in label order, where the data names them

@@ -1,18 +1,26 @@
 """Choose and split a data set from the `dataset` config (a checked `DatasetConfig`)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from compress import CompressError
 from compress.config import DatasetConfig
 from compress.data.base import Data, TensorSplit
+from compress.data.cache import channel_stats, pixel_moments
 from compress.data.cifar import detect_layout, load_cifar10
 from compress.data.synthetic import make_synthetic
 
 SYNTHETIC_MAX_BYTES = 512 * 2**20  # uint8 pixels of a generated data set
+CIFAR_CLASSES = 10
+STREAMED_STATS_SAMPLE = 2000  # images a null arch.mean / arch.std is computed from for dataset=imagenet
+VAL_FRACTION = 10  # dataset.val_size=null holds out a tenth of the training images (at least 1)
+
+log = logging.getLogger("compress")
+
 
 def _find_root(name: str, root: str | None, search: Sequence[str]) -> tuple[Path, list[Path]]:
     """The configured root, or the first candidate under `paths.data` that holds the data set."""
@@ -30,9 +38,17 @@ def _find_root(name: str, root: str | None, search: Sequence[str]) -> tuple[Path
     return (Path(search[0]).expanduser() / name if search else Path(name)), tried
 
 
-def _split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if val_size >= n:
-        raise CompressError(f"dataset.val_size: {val_size} leaves no training images (the training set has {n})")
+def val_count(n: int, val_size: int | None) -> int:
+    """How many training images validate: `val_size`, or a tenth of the n (at least 1) when it is null."""
+    return val_size if val_size is not None else max(1, n // VAL_FRACTION)
+
+
+def _split_indices(n: int, val_size: int | None, train_size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    held = val_count(n, val_size)
+    if held >= n:
+        given = f"{val_size}" if val_size is not None else f"null (a tenth, at least 1: {held})"
+        raise CompressError(f"dataset.val_size: {given} leaves no training images (the training set has {n})")
+    val_size = held
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = perm[:val_size], perm[val_size:]
     if train_size is not None:
@@ -70,18 +86,35 @@ def _limit(n: int, size: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:size].sort().values
 
 
-def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], search: Sequence[str], cache_dir: Path,
-         device: torch.device, channels_last: bool = True) -> Data:
+def normalisation(mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                  moments: Callable[[], tuple[torch.Tensor, torch.Tensor]], pixels_per_image: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`arch.mean` / `arch.std` as given; either one null: computed per channel from the training split's
+    pixels (`moments()`: their `pixel_moments`), and logged."""
+    if mean is None or std is None:
+        sums, squares = moments()
+        computed_mean, computed_std = channel_stats(sums, squares, pixels_per_image)
+        log.info("normalisation computed from the %d training images: mean [%s], std [%s]%s", sums.shape[0],
+                 ", ".join(f"{v:.4f}" for v in computed_mean), ", ".join(f"{v:.4f}" for v in computed_std),
+                 "" if mean is None and std is None else " (the given one of arch.mean / arch.std kept)")
+        mean = computed_mean if mean is None else mean
+        std = computed_std if std is None else std
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def load(cfg: DatasetConfig, *, mean: Optional[Sequence[float]], std: Optional[Sequence[float]], search: Sequence[str],
+         cache_dir: Path, device: torch.device, channels_last: bool = True) -> Data:
+    """The configured data set's train / val / test splits, normalised by `mean` / `std` (null: computed
+    from the training split)."""
     name = cfg.name
-    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     sizes = {"train_size": cfg.train_size, "val_size": cfg.val_size, "test_size": cfg.test_size}
     if name == "synthetic":
         # Generated in memory: bounded so that no setting can ask for more than a few hundred MB.
-        size, classes = cfg.image_size, cfg.num_classes
-        n_train = (sizes["train_size"] or 256) + (sizes["val_size"] if cfg.val_from == "train" else 0)
+        size, classes = cfg.image_size, cfg.num_classes or CIFAR_CLASSES
+        n_train = (sizes["train_size"] or 256) + ((sizes["val_size"] or 0) if cfg.val_from == "train" else 0)
         n_test = sizes["test_size"] or 128
         if (n_train + n_test) * 3 * size * size > SYNTHETIC_MAX_BYTES:
-            counts = {"train_size": sizes["train_size"] or 0, "val_size": sizes["val_size"], "test_size": n_test}
+            counts = {"train_size": sizes["train_size"] or 0, "val_size": sizes["val_size"] or 0, "test_size": n_test}
             key = max(counts, key=counts.get)  # the setting that asks for most of it
             raise CompressError(f"dataset.{key}: a synthetic set of {n_train + n_test} images of {size}x{size} "
                                 f"exceeds {SYNTHETIC_MAX_BYTES // 2**20} MiB; use fewer or smaller images")
@@ -91,33 +124,67 @@ def load(cfg: DatasetConfig, *, mean: Sequence[float], std: Sequence[float], sea
         source = f"synthetic ({size}x{size}, {classes} classes)"
         identity = f"synthetic:{size}:{classes}:{cfg.split_seed}"
     elif name == "cifar10":
+        if cfg.num_classes is not None and cfg.num_classes != CIFAR_CLASSES:
+            raise CompressError(f"dataset.num_classes: {cfg.num_classes}, but CIFAR-10 has {CIFAR_CLASSES} classes; "
+                                "leave it null")
+        classes = CIFAR_CLASSES
         root, tried = _find_root("cifar10", cfg.root, search)
         if detect_layout(root) is None and not cfg.download:
             where = ", ".join(str(p) for p in tried)
             raise CompressError(
                 f"dataset.root: CIFAR-10 not found (looked in: {where}); set dataset.root=/path/to/cifar10 "
                 "(an ImageFolder tree or torchvision's cifar-10-batches-py), or dataset.download=true when online")
-        tensors, source, content = load_cifar10(root, cfg.download, cache_dir / "data")
+        tensors, source, content = load_cifar10(root, cfg.download, cache_dir / "data", cfg.bad_files)
         identity = f"cifar10:{content}"
+    elif name == "imagefolder":
+        return _load_imagefolder(cfg, mean, std, cache_dir, device, channels_last)
     elif name == "imagenet":
         return _load_imagenet(cfg, mean, std, search, channels_last)
     else:
-        raise CompressError(f"dataset.name: unknown data set '{name}' (known: cifar10, imagenet, synthetic)")
+        raise CompressError(f"dataset.name: unknown data set '{name}' (known: cifar10, imagefolder, imagenet, synthetic)")
 
     idx = split_indices(len(tensors["train_y"]), len(tensors["test_y"]), cfg)
     val_x, val_y = (tensors["test_x"], tensors["test_y"]) if cfg.val_from == "test" else (tensors["train_x"], tensors["train_y"])
-
-    def split(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> TensorSplit:
-        return TensorSplit(x[idx].to(device), y[idx].to(device), mean_t, std_t, channels_last)
-
+    train_x = tensors["train_x"][idx["train"]]
     c, h, w = tensors["train_x"].shape[1:]
-    return Data(name=name, num_classes=cfg.num_classes, image_shape=(int(c), int(h), int(w)),
-                train=split(tensors["train_x"], tensors["train_y"], idx["train"]), val=split(val_x, val_y, idx["val"]),
-                test=split(tensors["test_x"], tensors["test_y"], idx["test"]), source=source, identity=identity, val_from=cfg.val_from)
+    mean_t, std_t = normalisation(mean, std, lambda: pixel_moments(train_x), int(h * w))
+
+    def split(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> TensorSplit:
+        return TensorSplit((x if idx is None else x[idx]).to(device), (y if idx is None else y[idx]).to(device),
+                           mean_t, std_t, channels_last)
+
+    return Data(name=name, num_classes=classes, image_shape=(int(c), int(h), int(w)),
+                train=split(train_x, tensors["train_y"][idx["train"]], None), val=split(val_x, val_y, idx["val"]),
+                test=split(tensors["test_x"], tensors["test_y"], idx["test"]), source=source, identity=identity,
+                val_from=cfg.val_from, mean=tuple(mean_t.tolist()), std=tuple(std_t.tolist()))
+
+
+def _load_imagefolder(cfg: DatasetConfig, mean, std, cache_dir: Path, device: torch.device, channels_last: bool) -> Data:
+    from compress.data.folder import StreamSplit, load_imagefolder
+
+    loaded = load_imagefolder(cfg, cache_dir / "data")
+    train, test = loaded.splits["train"], loaded.splits["test"]
+    idx = split_indices(len(train["y"]), len(test["y"]), cfg)
+    size = cfg.image_size
+    mean_t, std_t = normalisation(mean, std, lambda: (train["sums"][idx["train"]], train["squares"][idx["train"]]),
+                                  size * size)
+    padding = max(1, size // 8)  # CIFAR's 4 pixels at 32, in proportion at other sizes
+
+    def split(images: dict, rows: torch.Tensor):
+        if loaded.streamed:
+            return StreamSplit([images["paths"][i] for i in rows.tolist()], images["y"][rows], mean_t, std_t, size,
+                               channels_last, padding, device)
+        return TensorSplit(images["x"][rows].to(device), images["y"][rows].to(device), mean_t, std_t, channels_last, padding)
+
+    return Data(name="imagefolder", num_classes=len(loaded.classes), image_shape=(3, size, size),
+                train=split(train, idx["train"]), val=split(test if cfg.val_from == "test" else train, idx["val"]),
+                test=split(test, idx["test"]), source=loaded.source, identity=loaded.identity, val_from=cfg.val_from,
+                mean=tuple(mean_t.tolist()), std=tuple(std_t.tolist()), classes=tuple(loaded.classes))
 
 
 def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
-    from compress.data.imagenet import FolderSplit, imagenet_splits
+    from compress.data.folder import sample_moments
+    from compress.data.imagenet import FolderSplit, imagenet_folders, imagenet_transforms
 
     root, tried = _find_root("imagenet", cfg.root, search)
     if not (root / "train").is_dir():
@@ -125,10 +192,17 @@ def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
         raise CompressError(f"dataset.root: ImageNet not found (looked in: {where}); set dataset.root=/path/to/imagenet "
                             "(an ImageFolder tree with train/ and val/)")
     size = cfg.image_size
-    train_ds, val_ds, train_tf, eval_tf = imagenet_splits(root, mean, std, size)
+    train_ds, val_ds = imagenet_folders(root)
     idx = split_indices(len(train_ds), len(val_ds), cfg)
+    # Streamed: a null arch.mean / arch.std is computed from a fixed random sample of the training split.
+    sample = idx["train"][torch.randperm(len(idx["train"]), generator=torch.Generator().manual_seed(cfg.split_seed + 3))
+                          [:STREAMED_STATS_SAMPLE]]
+    mean_t, std_t = normalisation(mean, std, lambda: sample_moments([Path(train_ds.samples[i][0]) for i in sample.tolist()], size),
+                                  size * size)
+    train_tf, eval_tf = imagenet_transforms(mean_t.tolist(), std_t.tolist(), size)
     mk = lambda ds, i: FolderSplit(ds, i, train_tf, eval_tf, channels_last)  # noqa: E731
     # ImageNet's own val/ folder plays the test set; val_from=test halves it.
-    return Data(name="imagenet", num_classes=cfg.num_classes, image_shape=(3, size, size),
+    return Data(name="imagenet", num_classes=cfg.num_classes or len(train_ds.classes), image_shape=(3, size, size),
                 train=mk(train_ds, idx["train"]), val=mk(val_ds if cfg.val_from == "test" else train_ds, idx["val"]),
-                test=mk(val_ds, idx["test"]), source=str(root), identity=f"imagenet:{root.resolve()}", val_from=cfg.val_from)
+                test=mk(val_ds, idx["test"]), source=str(root), identity=f"imagenet:{root.resolve()}", val_from=cfg.val_from,
+                mean=tuple(mean_t.tolist()), std=tuple(std_t.tolist()), classes=tuple(train_ds.classes))

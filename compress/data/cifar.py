@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from compress import CompressError
+from compress.config import DatasetConfig
+from compress.data.cache import cached, reason, skip_or_stop
 
 log = logging.getLogger("compress")
 
@@ -45,7 +47,12 @@ def content_key(root: Path, layout: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _decode_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+CIFAR_SHAPE = (3, 32, 32)
+
+
+def _decode_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The split's readable 32x32 PNGs as uint8 (N, 3, 32, 32), their labels, and the unreadable ones
+    (`"<path>: <reason>"`: not a PNG, truncated, another size) for `dataset.bad_files`."""
     from torchvision.io import ImageReadMode, decode_png, read_file
 
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -57,12 +64,26 @@ def _decode_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         files += found
         labels += [label] * len(found)
 
-    def decode(p: Path) -> torch.Tensor:
-        return decode_png(read_file(str(p)), ImageReadMode.RGB)
+    def name(p: Path) -> str:  # relative to the root: the cache is keyed by content, so a copy elsewhere hits it
+        return p.relative_to(split_dir.parent).as_posix()
+
+    def decode(p: Path) -> torch.Tensor | str:
+        try:
+            image = decode_png(read_file(str(p)), ImageReadMode.RGB)
+        except Exception as e:  # libpng's errors (not a PNG, truncated) all mean: unreadable
+            return f"{name(p)}: {reason(e)}"
+        if tuple(image.shape) != CIFAR_SHAPE:
+            return f"{name(p)}: {image.shape[2]}x{image.shape[1]}, not CIFAR-10's 32x32"
+        return image
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        images = list(pool.map(decode, files, chunksize=256))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        decoded = list(pool.map(decode, files, chunksize=256))
+    good = [isinstance(d, torch.Tensor) for d in decoded]
+    images = [d for d in decoded if isinstance(d, torch.Tensor)]
+    if not images:
+        raise CompressError(f"dataset.root: {split_dir} holds no readable 32x32 PNGs")
+    kept = torch.tensor(labels, dtype=torch.int64)[torch.tensor(good, dtype=torch.bool)]
+    return torch.stack(images), kept, [d for d in decoded if isinstance(d, str)]
 
 
 def _decode_torchvision(root: Path, download: bool) -> dict[str, torch.Tensor]:
@@ -76,7 +97,8 @@ def _decode_torchvision(root: Path, download: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_cifar10(root: Path, download: bool, cache_dir: Path) -> tuple[dict[str, torch.Tensor], str, str]:
+def load_cifar10(root: Path, download: bool, cache_dir: Path, bad_files: str = DatasetConfig.bad_files
+                 ) -> tuple[dict[str, torch.Tensor], str, str]:
     """uint8 train/test tensors, a line for the log and the content key; decodes at most once per distinct
     content (cached under cache_dir)."""
     found = detect_layout(root)
@@ -93,21 +115,18 @@ def load_cifar10(root: Path, download: bool, cache_dir: Path) -> tuple[dict[str,
         assert found is not None
     layout, base = found
     key = content_key(base, layout)
-    cache_file = cache_dir / f"cifar10-{key}.pt"
-    if cache_file.is_file():
-        try:
-            return torch.load(cache_file, map_location="cpu", weights_only=True), f"{base} ({layout}, cached)", key
-        except Exception:
-            log.warning("data cache %s unreadable; decoding again", cache_file)
-    log.info("decoding CIFAR-10 from %s (%s layout) once; cache: %s", base, layout, cache_file)
-    if layout == "torchvision":
-        tensors = _decode_torchvision(base, download=False)
-    else:
-        tensors = {}
+
+    def produce() -> dict:
+        log.info("decoding CIFAR-10 from %s (%s layout) once; cache: %s", base, layout, cache_dir / f"cifar10-{key}.pt")
+        if layout == "torchvision":
+            return _decode_torchvision(base, download=False)
+        tensors: dict = {"bad": []}
         for split in ("train", "test"):
-            tensors[f"{split}_x"], tensors[f"{split}_y"] = _decode_folder(base / split)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    torch.save(tensors, tmp)
-    os.replace(tmp, cache_file)
-    return tensors, f"{base} ({layout})", key
+            tensors[f"{split}_x"], tensors[f"{split}_y"], bad = _decode_folder(base / split)
+            tensors["bad"] += bad
+        return tensors
+
+    tensors, hit = cached(cache_dir / f"cifar10-{key}.pt", produce)
+    # Caches written before bad files were tracked hold none: every file of theirs was read.
+    skip_or_stop([f"{base / b}" for b in tensors.pop("bad", [])], [], bad_files)
+    return tensors, f"{base} ({layout}{', cached' if hit else ''})", key

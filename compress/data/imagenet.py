@@ -46,14 +46,23 @@ class _Transformed(torch.utils.data.Dataset):
         return self.transform(self.base.loader(path)), label
 
 
-def imagenet_splits(root: Path, mean, std, image_size: int):
-    from torchvision import datasets, transforms
+def imagenet_folders(root: Path):
+    """torchvision ImageFolders of train/ and val/."""
+    from torchvision import datasets
 
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise CompressError(f"dataset.root: no ImageNet ImageFolder tree (train/, val/) at {root}")
+    return datasets.ImageFolder(str(root / "train")), datasets.ImageFolder(str(root / "val"))
+
+
+def imagenet_transforms(mean, std, image_size: int):
+    """torchvision's ImageNet recipe: RandomResizedCrop + flip for training; resize to 256/224 of the size,
+    centre crop, for evaluation."""
+    from torchvision import transforms
+
     norm = transforms.Normalize(mean, std)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), norm])
     eval_tf = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
                                   transforms.ToTensor(), norm])
-    return datasets.ImageFolder(str(root / "train")), datasets.ImageFolder(str(root / "val")), train_tf, eval_tf
+    return train_tf, eval_tf
