@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch/torchvision first, pinned to the releases this project is tested with.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,timm]"
 	touch $@
 
 install: $(VENV)/.installed

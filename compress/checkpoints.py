@@ -1,8 +1,12 @@
 """Finding, downloading, loading and saving model weights.
 
-Formats read: the akamaster CIFAR checkpoints ({"state_dict": {"module.…": …}}), a bare state dict,
-torchvision weights ("torchvision"), and this project's own `model.pt`
-({"format": FORMAT, "arch", "method", "meta", "state_dict"}), which may hold a compressed structure.
+Formats read (`arch.checkpoint`, the one rule of docs/own-model.md "Weights"): this project's own `model.pt`
+({"format": FORMAT, "arch", "builder", "method", "meta", "state_dict", "num_classes", "input_shape"}), which
+may hold a compressed structure and names its architecture (`builder`, a compress.models.Spec; files written
+before it existed name a zoo architecture in `arch`); or a state dict: the tensors at the file's top level,
+under "state_dict" (the akamaster CIFAR checkpoints: {"state_dict": {"module.…": …}}) or under "model"
+(training scripts' {"model": …, "optimizer": …}), the first of these that is a dict of tensors, with a
+DataParallel "module." prefix dropped; and torchvision's ImageNet weights ("torchvision", the *_imagenet archs).
 Every load is `weights_only=True`.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
+from compress.models import Spec
 
 FORMAT = "compress-model/1"
 # Checkpoints this project trained and commits (the CIFAR VGG-16-BN): searched after paths.weights, so a
@@ -75,19 +80,32 @@ def read(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        pickled = "weights only load failed" in str(e).lower()
+        hint = "; it pickles objects, not only tensors: save model.state_dict() instead" if pickled else ""
         raise CompressError(f"arch.checkpoint: {path} is not a readable PyTorch checkpoint "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}){hint}") from None
     if not isinstance(obj, dict):
         raise CompressError(f"arch.checkpoint: {path} holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
-def plain_state_dict(obj: dict) -> dict[str, torch.Tensor]:
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        raise CompressError("arch.checkpoint: its 'state_dict' entry is not a dict")
-    # DataParallel-saved checkpoints prefix every key with "module."
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+STATE_DICT_PLACES = ("state_dict", "model")  # where a checkpoint may nest its tensors, in the order looked at
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def plain_state_dict(obj: dict, source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint holds: its top level when that is a dict of tensors, else its "state_dict",
+    else its "model" entry; a "module." prefix (DataParallel) dropped from the keys."""
+    found = obj if _is_tensor_dict(obj) else next((obj[k] for k in STATE_DICT_PLACES if _is_tensor_dict(obj.get(k))), None)
+    if found is None:
+        keys = ", ".join(repr(k)[:40] for k in list(obj)[:5])
+        raise CompressError(f"arch.checkpoint: {source} holds no state dict: neither its top level nor its "
+                            f"{' nor its '.join(repr(k) for k in STATE_DICT_PLACES)} entry is a dict of tensors "
+                            f"(its keys: {keys}{' …' if len(obj) > 5 else ''})")
+    return {k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k: v for k, v in found.items()}
 
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -107,9 +125,18 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> Non
     model.load_state_dict(sd, strict=False)
 
 
-def pack(model: nn.Module, arch: str, method: str, meta: dict) -> dict:
-    return {"format": FORMAT, "arch": arch, "method": method, "meta": meta,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+def pack(model: nn.Module, arch: "str | Spec", method: str, meta: dict, *, num_classes: int | None = None,
+         input_shape: Sequence[int] | None = None) -> dict:
+    """This project's `model.pt`: the weights, the method's structure `meta`, and the builder spec that rebuilds
+    the architecture (`arch`: a zoo name or a compress.models.Spec), with the classes and input shape when known."""
+    spec = Spec.of(arch)
+    packed = {"format": FORMAT, "arch": spec.label, "builder": spec.to_dict(), "method": method, "meta": meta,
+              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if num_classes is not None:
+        packed["num_classes"] = int(num_classes)
+    if input_shape is not None:
+        packed["input_shape"] = [int(d) for d in input_shape]
+    return packed
 
 
 def digest(model: nn.Module) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -76,23 +76,54 @@ class DatasetConfig:
         _int_in("dataset.split_seed", self.split_seed, 0, MAX_SEED)
 
 
+# arch.checkpoint values that ask for weights from a model hub: no downloads here for the generic sources
+HUB_CHECKPOINTS = ("torchvision", "timm", "hub", "pretrained", "imagenet")
+MAX_KWARGS = 100
+
+
 @dataclass
 class ArchConfig:
-    name: str = MISSING
-    # A local path, a URL (downloaded once into paths.cache, hash-checked; a same-named file in paths.weights
-    # is used first), "torchvision" (ImageNet archs), "random" (random initial weights), or null (pretrain
-    # with the pretrain schedule and cache the result).
+    """The model: where its architecture comes from (`source`; presets arch=torchvision / timm / module for
+    the generic ones, arch=<name> for the papers'), and its starting weights (`checkpoint`)."""
+
+    # compress: the papers' architectures by name (configs/arch/<name>.yaml) | torchvision: any classification
+    # builder of torchvision.models | timm: any timm model (optional extra) | module: your own code (target)
+    source: str = "compress"
+    name: Optional[str] = MISSING  # the architecture (compress, torchvision, timm); unused with module
+    target: Optional[str] = None   # module: "package.module:callable" returning an nn.Module
+    # A dict passed on to the builder (`arch.kwargs={width_mult:0.5}`); num_classes comes from the data set.
+    # Typed Any so that a whole dict can be given on the command line (a Dict field is closed to new keys).
+    kwargs: Optional[Any] = None
+    # The starting weights, one rule for every source (docs/own-model.md, "Weights"):
+    # - a file (a path, or a URL downloaded once into paths.cache, hash-checked; a relative path or a URL's file
+    #   name is looked up in paths.weights first): this project's own model.pt (any compressed structure, its
+    #   architecture must be this one), or a state dict: the tensors at the top level, or under "state_dict",
+    #   or under "model" (the first of these that holds them); a "module." prefix on the keys (DataParallel) is
+    #   dropped; the keys and shapes must match the model (a mismatch names the file and a few keys);
+    # - "random": the builder's initial weights;
+    # - null: pretrained here with the `pretrain` schedule and cached (paths.cache/pretrained);
+    # - "torchvision": torchvision's ImageNet weights for the papers' *_imagenet archs (downloaded when online).
+    #   For source torchvision / timm / module hub weights are refused (no downloads at run time): save them
+    #   where you have a network (torch.save(model.state_dict(), "w.pth")) and pass the file.
     checkpoint: Optional[str] = None
     mean: List[float] = MISSING    # input normalisation these weights expect (on [0, 1] RGB)
     std: List[float] = MISSING
 
+    @property
+    def spec(self):
+        """The builder spec (compress.models.Spec) this config names; model.pt stores it."""
+        from compress import models
+
+        return models.Spec(self.source, None if self.source == "module" else self.name, self.target,
+                           dict(self.kwargs or {}))
+
     def __post_init__(self) -> None:
         from compress import models
 
-        if self.name == MISSING:  # the schema's own default, before a preset fills it
+        require_choice(self.source, "arch.source", models.SOURCES)
+        if self.name == MISSING and self.source != "module":  # the schema's own default, before a preset fills it
             return
-        if self.name not in models.names():
-            _fail("arch.name", f"unknown architecture '{self.name}' (known: {', '.join(models.names())})")
+        self._check_builder()
         for key in ("mean", "std"):
             values = getattr(self, key)
             if len(values) != 3 or not all(is_number(v) for v in values):
@@ -101,6 +132,44 @@ class ArchConfig:
             _fail("arch.std", f"must be positive, got {self.std!r}")
         if self.checkpoint is not None and not self.checkpoint.strip():
             _fail("arch.checkpoint", "is empty (give a path, a URL, torchvision, random or null)")
+        if self.source != "compress" and self.checkpoint is not None and self.checkpoint.strip().lower() in HUB_CHECKPOINTS:
+            _fail("arch.checkpoint", f"'{self.checkpoint}': hub weights cannot be downloaded here; where you have a "
+                  "network, save them (torch.save(model.state_dict(), 'w.pth')) and pass arch.checkpoint=/path/to/w.pth")
+
+    def _check_builder(self) -> None:
+        from compress import models
+
+        if self.source == "module":
+            if self.target is None or self.target == MISSING:
+                _fail("arch.target", "is missing: arch=module builds your model from arch.target=package.module:callable")
+            if not models.is_target(self.target):
+                _fail("arch.target", f"expected 'package.module:callable' (Python names), got {str(self.target)[:100]!r}")
+        elif self.target is not None:
+            _fail("arch.target", f"is for arch=module only (arch.source is {self.source}); remove it, or use arch=module")
+        if self.source == "compress":
+            if self.name not in models.names():
+                _fail("arch.name", f"unknown architecture '{str(self.name)[:100]}' (known: {', '.join(models.names())}; "
+                      "any other model: arch=torchvision, arch=timm or arch=module, docs/own-model.md)")
+        elif self.source == "torchvision":
+            if self.name not in models.torchvision_names():
+                raise models.unknown(self.name, models.torchvision_names(), "torchvision classification model")
+        elif self.source == "timm":
+            known = models.timm_names()
+            if self.name not in known:
+                raise models.unknown(self.name, known, "timm model")
+        require(self.kwargs is None or isinstance(self.kwargs, dict), "arch.kwargs",
+                "null or a dict of builder arguments ({width_mult: 0.5})", self.kwargs)
+        self.kwargs = dict(self.kwargs or {})
+        require(len(self.kwargs) <= MAX_KWARGS, "arch.kwargs", f"at most {MAX_KWARGS} builder arguments", len(self.kwargs))
+        for key in self.kwargs:
+            if not (isinstance(key, str) and key.isidentifier()):
+                _fail("arch.kwargs", f"keys must be argument names, got {str(key)[:100]!r}")
+        if "num_classes" in self.kwargs:
+            _fail("arch.kwargs", "num_classes comes from the data set (dataset.num_classes); remove it from arch.kwargs")
+        hub = [k for k in models.HUB_KWARGS if k in self.kwargs and self.kwargs[k] not in (None, False)]
+        if hub:
+            _fail("arch.kwargs", f"{hub[0]}: hub weights cannot be downloaded here; pass a local file as "
+                  "arch.checkpoint=/path/to/weights.pth instead (docs/own-model.md)")
 
 
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")

@@ -54,7 +54,8 @@ class Run:
         self.device = distributed.setup(config.device) or resolve_device(config.device)
         self.method = build_method(config.method)
         self._reference: nn.Module | None = None  # the baseline, for timing speed-ups (_latency_reference)
-        self.arch = config.arch.name
+        self.spec = config.arch.spec  # the builder model.pt stores (compress.models.Spec)
+        self.arch = self.spec.label   # its name in rows, logs and the methods' Context
         iterative = config.schedule.rounds > 0
         if self.method.requires_rounds and not iterative:
             recipe = f" (its recipe: schedule={self.method.recipe})" if self.method.recipe else ""
@@ -185,7 +186,7 @@ class Run:
                                     "this run started from; restore that file, or start a new run dir")
             self.ledger.state["teacher_digest"] = digest
         if self.ledger.saved_model is not None:
-            model = sources.unpack(self.ledger.saved_model, self.arch, self.data.num_classes)
+            model = sources.unpack(self.ledger.saved_model, self.spec, self.data.num_classes)
             self.method.load_state_dict(self.ledger.get("method_state") or {})
             return model.to(self.device)
         return loaded
@@ -272,7 +273,8 @@ class Run:
         return dict(last, stage=stage, status="", wall_s=round(time.perf_counter() - started, 2))
 
     def _pack(self, model: nn.Module) -> dict:
-        return checkpoints.pack(model, self.arch, self.method.name, self.method.meta(model))
+        return checkpoints.pack(model, self.spec, self.method.name, self.method.meta(model),
+                                num_classes=self.data.num_classes, input_shape=self.data.image_shape)
 
     def _record(self, row: dict, model: nn.Module, **extra) -> None:
         self.ledger.record(row, self._pack(model), self.method.state_dict(), **extra)

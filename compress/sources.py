@@ -2,10 +2,15 @@
 
 - a local path or a URL (checkpoints.resolve): a plain state dict (the published CIFAR ResNets), or this
   project's own `model.pt`, restored into its compressed form;
-- "torchvision": torchvision's ImageNet weights for the `*_imagenet` archs;
+- "torchvision": torchvision's ImageNet weights for the `*_imagenet` archs (the generic torchvision / timm /
+  module sources refuse hub weights in their config: no downloads at run time);
 - "random": the architecture's random initial weights (smoke runs);
 - null: trained here with the `pretrain` schedule, once, and cached under `paths.cache/pretrained`
   (an interrupted pretraining resumes from its last epoch).
+
+The architecture is a `compress.models.Spec` (the arch config's `spec`: a zoo name, a torchvision or timm
+builder, or the user's own callable); `model.pt` stores it, and every rebuild here (resume, a model.pt given
+as arch.checkpoint, export) builds from the stored spec.
 
 And a finished run's model for `compress export` (`load_saved`: a run dir or its model.pt, with the run's
 input shape, and real test images to check the exported file on when the run's data can be found).
@@ -17,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -30,26 +36,39 @@ from compress.data.base import Data
 log = logging.getLogger("compress")
 
 
-def unpack(packed: dict, arch: str, num_classes: int) -> nn.Module:
-    """A model from this project's own format, restoring any compressed structure."""
-    if packed.get("arch") != arch:
-        raise CompressError(f"arch.checkpoint: the file holds a '{packed.get('arch')}' model, not arch.name={arch}")
+def unpack(packed: dict, arch: "str | models.Spec | None", num_classes: int | None = None,
+           source: str = "the saved model") -> nn.Module:
+    """A model from this project's own format, restoring any compressed structure. Built from the spec the file
+    stores; `arch` (a zoo name or Spec), when given, must be the same architecture. `num_classes`: the file's
+    own when it records them, else this."""
+    stored = models.Spec.from_packed(packed, source)
+    if arch is not None and stored.to_dict() != models.Spec.of(arch).to_dict():
+        expected = models.Spec.of(arch)
+        raise CompressError(f"arch.checkpoint: {source} holds a '{stored.label}' model"
+                            f"{f' (kwargs {stored.kwargs})' if stored.kwargs else ''}, not {expected.label}"
+                            f"{f' (kwargs {expected.kwargs})' if expected.kwargs else ''}")
     if packed.get("method") not in methods.METHODS:
         raise CompressError(f"arch.checkpoint: the file was written by an unknown method {packed.get('method')!r}")
-    model = models.build(arch, num_classes)
+    classes = packed.get("num_classes") or num_classes
+    if num_classes is not None and classes != num_classes:
+        raise CompressError(f"arch.checkpoint: {source} classifies {classes} classes, the data set has {num_classes}")
+    if classes is None:
+        raise CompressError(f"{source}: records no class count")
+    model = models.build(stored, int(classes))
     model = methods.get(packed["method"]).restore(model, packed.get("meta") or {}, packed["state_dict"])
-    checkpoints.load_into(model, packed["state_dict"], "the saved model")
+    checkpoints.load_into(model, packed["state_dict"], source)
     return model
 
 
-def from_file(spec: str, arch: str, num_classes: int, weights_dirs: Sequence[str], cache: Path) -> nn.Module:
+def from_file(spec: str, arch: "str | models.Spec", num_classes: int, weights_dirs: Sequence[str], cache: Path) -> nn.Module:
+    """The model `arch.checkpoint=spec` names (a file, see checkpoints' docstring for what it may hold)."""
     path = checkpoints.resolve(spec, weights_dirs, cache)
     obj = checkpoints.read(path)
     log.info("weights: %s", path)
     if obj.get("format") == checkpoints.FORMAT:
-        return unpack(obj, arch, num_classes)
+        return unpack(obj, arch, num_classes, source=str(path))
     model = models.build(arch, num_classes)
-    checkpoints.load_into(model, checkpoints.plain_state_dict(obj), str(path))
+    checkpoints.load_into(model, checkpoints.plain_state_dict(obj, str(path)), str(path))
     return model
 
 
@@ -76,40 +95,43 @@ def _changed_fields(config) -> dict:
             if getattr(config, f.name) != getattr(defaults, f.name)}
 
 
-def pretrain_key(arch: str, data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, seed: int) -> str:
+def pretrain_key(arch: "str | models.Spec", data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, seed: int) -> str:
     """What the pretrained weights depend on: the images' content (not their folder, nor whether they were
     decoded or cached), the split and the recipe. Where the data lies (root, download) is not part of it."""
     split = {k: v for k, v in _changed_fields(dataset).items() if k not in ("root", "download")}
-    return hashlib.sha256(json.dumps([arch, data.identity, data.num_classes, split, _changed_fields(pretrain), seed],
+    return hashlib.sha256(json.dumps([models.Spec.of(arch).key(), data.identity, data.num_classes, split, _changed_fields(pretrain), seed],
                                      sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def pretrained_here(arch: str, data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, *, seed: int, cache: Path,
+def pretrained_here(arch: "str | models.Spec", data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, *, seed: int, cache: Path,
                     device: torch.device, eval_batch_size: int) -> nn.Module:
     """No checkpoint given: train from scratch with the pretrain schedule, once; cache the result."""
     key = pretrain_key(arch, data, dataset, pretrain, seed)
-    final = cache / "pretrained" / f"{arch}-{data.name}-{key}.pt"
+    label = re.sub(r"[^\w.-]+", "_", models.Spec.of(arch).label)[:80]  # a target's ':' and the like, out of file names
+    final = cache / "pretrained" / f"{label}-{data.name}-{key}.pt"
     partial = final.with_suffix(".partial.pt")
     if final.is_file():
         log.info("weights: pretrained earlier, cached at %s", final)
-        return unpack(checkpoints.read(final), arch, data.num_classes)
+        return unpack(checkpoints.read(final), arch, data.num_classes, source=str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     resume = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
-    log.info("arch.checkpoint is null: pretraining %s for %d epochs (cache: %s)", arch, pretrain.epochs, final)
+    log.info("arch.checkpoint is null: pretraining %s for %d epochs (cache: %s)", models.Spec.of(arch).label,
+             pretrain.epochs, final)
     model = models.build(arch, data.num_classes).to(device)
     writes = distributed.is_main()  # data-parallel pretraining: every rank trains, rank 0 keeps the files
     model, _ = train.fit(model, data.train, data.val, pretrain, device, seed=seed, resume=resume,
                          on_epoch_end=(lambda s: checkpoints.atomic_save(s, partial)) if writes else None,
                          desc="pretrain", eval_batch_size=eval_batch_size)
     if writes:
-        checkpoints.atomic_save(checkpoints.pack(model, arch, "none", {}), final)
+        checkpoints.atomic_save(checkpoints.pack(model, arch, "none", {}, num_classes=data.num_classes,
+                                                 input_shape=data.image_shape), final)
         partial.unlink(missing_ok=True)
     return model
 
 
 def starting_model(config, data: Data, device: torch.device) -> nn.Module:
     """The model `config.arch.checkpoint` names (see the module docstring)."""
-    arch, spec = config.arch.name, config.arch.checkpoint
+    arch, spec = config.arch.spec, config.arch.checkpoint
     cache = Path(config.paths.cache).expanduser()
     if spec == "random":
         log.info("weights: random initialisation (arch.checkpoint=random)")
@@ -118,7 +140,7 @@ def starting_model(config, data: Data, device: torch.device) -> nn.Module:
         return pretrained_here(arch, data, config.dataset, config.pretrain, seed=config.seed,
                                cache=cache, device=device, eval_batch_size=config.measure.eval_batch_size)
     if spec == "torchvision":
-        return from_torchvision(arch, data.num_classes)
+        return from_torchvision(arch.name, data.num_classes)
     return from_file(spec, arch, data.num_classes, config.paths.weights, cache)
 
 
@@ -126,7 +148,7 @@ def starting_model(config, data: Data, device: torch.device) -> nn.Module:
 @dataclasses.dataclass
 class Saved:
     model: nn.Module
-    arch: str
+    arch: str  # the architecture's label (compress.models.Spec.label)
     method: str
     input_shape: tuple[int, int, int]
     config: dict | None  # the run's resolved config (.hydra/config.yaml), when PATH is or sits in a run dir
@@ -145,15 +167,16 @@ def _run_config(run_dir: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def _num_classes(arch: str, state_dict: dict) -> int:
-    """The classifier's width, read from the saved weights (the last Linear of the architecture)."""
+def _num_classes(arch: "str | models.Spec", state_dict: dict) -> int:
+    """The classifier's width, read from the saved weights (the last Linear of the architecture): for files
+    that do not record `num_classes` (written before it was stored)."""
     probe = models.build(arch, 10)
     last = [name for name, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
     # `<last>.weight`, or its parametrized original (`<last>.parametrizations.weight.original`: quantised)
     weights = [v for k, v in state_dict.items() if k.startswith(f"{last}.") and k.endswith(("weight", "original"))
                and getattr(v, "dim", lambda: 0)() == 2]
     if not weights:
-        raise CompressError(f"export: the saved {arch} has no classifier weight '{last}.weight'")
+        raise CompressError(f"export: the saved {models.Spec.of(arch).label} has no classifier weight '{last}.weight'")
     return int(weights[0].shape[0])
 
 
@@ -170,15 +193,14 @@ def load_saved(path: Path) -> Saved:
     packed = checkpoints.read(file)
     if packed.get("format") != checkpoints.FORMAT or not isinstance(packed.get("state_dict"), dict):
         raise CompressError(f"{file}: not a model.pt written by `compress run` (format {packed.get('format')!r})")
-    arch = packed.get("arch")
-    if arch not in models.names():
-        raise CompressError(f"{file}: holds an unknown architecture {arch!r}")
+    spec = models.Spec.from_packed(packed, str(file))
     config = _run_config(run_dir)
     dataset = (config or {}).get("dataset") or {}
-    image_size = int(dataset.get("image_size") or (224 if str(arch).endswith("_imagenet") else 32))
+    image_size = int(dataset.get("image_size") or (224 if str(spec.name).endswith("_imagenet") else 32))
     input_shape = tuple(packed.get("input_shape") or (3, image_size, image_size))
-    model = unpack(packed, arch, _num_classes(arch, packed["state_dict"]))
-    return Saved(model.eval(), arch, packed.get("method", ""), input_shape, config)
+    classes = packed.get("num_classes") or _num_classes(spec, packed["state_dict"])
+    model = unpack(packed, None, classes, source=str(file))
+    return Saved(model.eval(), spec.label, packed.get("method", ""), input_shape, config)
 
 
 def check_images(saved: Saved, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:

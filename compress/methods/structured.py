@@ -207,23 +207,29 @@ class StructuredPruning(Method):
         final = plan.target_keep(self._original_channels)
         group_scores = self._group_scores(model, ctx, plan, final)
         final = self._rounded(plan, plan.keep_counts(final, group_scores, self.threshold))
-        unit = self.options.round_to
+        units = self._units(plan)
         keep: dict[str, int] = {}
         for group, target in final.items():
             current = plan.channels[group]
             remove = max(1, math.floor(current * self.step_rate * step_scale))
             # with round_to, at least one block goes: the width rounded down, never under the final width
-            keep[group] = max(target, round_down(current - remove, unit))
+            keep[group] = max(target, round_down(current - remove, units[group]))
         if all(keep[g] >= plan.channels[g] for g in keep):
             return None
         engine.prune_groups(model, plan, group_scores, keep)
         ctx.log.info("%s round %d: %s", self.name, round_index, engine.describe(model, plan, self._original_channels))
         return model
 
+    def _units(self, plan: "engine.PruningPlan") -> dict[str, int]:
+        """Group -> the block its width moves by: method.round_to, and a multiple of the slices of a grouped
+        conv the group is tied to (engine.PruningPlan.units)."""
+        return {g: math.lcm(self.options.round_to, plan.units.get(g, 1)) for g in plan.members}
+
     def _rounded(self, plan: "engine.PruningPlan", keep: dict[str, int]) -> dict[str, int]:
-        """`keep` with every count rounded up to a multiple of method.round_to (at most the group's width)."""
-        unit = self.options.round_to
-        return {g: round_up(k, plan.channels[g], unit) for g, k in keep.items()}
+        """`keep` with every count rounded up to a multiple of method.round_to (at most the group's width),
+        and of a grouped conv's slices, keeping two channels per slice (engine.PruningPlan.min_channels)."""
+        units = self._units(plan)
+        return {g: round_up(max(k, plan.min_channels(g)), plan.channels[g], units[g]) for g, k in keep.items()}
 
     def state_dict(self) -> dict:
         return {"original_channels": dict(self._original_channels), "baseline": dict(self._baseline)}
@@ -278,9 +284,9 @@ class StructuredPruning(Method):
         scores = None
         if self.options.allocation == "global":
             scores = self._group_scores(model, ctx, plan, floors)
-            events = allocation.global_order(cost, scores, floors, self.options.round_to)
+            events = allocation.global_order(cost, scores, floors, self._units(plan))
         else:
-            events = allocation.uniform_order(cost, self._original_channels, floors, self.options.round_to)
+            events = allocation.uniform_order(cost, self._original_channels, floors, self._units(plan))
         removed = allocation.allocate(cost, events, goal)
         if at_least_one and not removed.any():  # a round too small for one event still takes one
             removed = allocation.fill(cost, events, 0, final * (1 - allocation.AIM), current - 0.5, max_steps=1)
@@ -295,10 +301,11 @@ class StructuredPruning(Method):
     def _floors(self, plan: "engine.PruningPlan") -> dict[str, int]:
         """Groups that may still lose channels under a target -> the fewest channels each may keep."""
         floors = {}
+        units = self._units(plan)
         for group, rate in plan.rates.items():
             current = plan.channels[group]
             floor = allocation.floor_channels(self._original_channels.get(group, current), current, rate,
-                                              float(self.options.min_keep), self.options.round_to)
+                                              float(self.options.min_keep), units[group], plan.min_channels(group))
             if floor < current:
                 floors[group] = floor
         return floors

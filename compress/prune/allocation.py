@@ -51,12 +51,19 @@ def within(cost: float, target: float, tolerance: float = TOLERANCE) -> bool:
     return abs(cost - target) <= tolerance * target
 
 
-def floor_channels(original: int, current: int, rate: float, min_keep: float, unit: int = 1) -> int:
+def floor_channels(original: int, current: int, rate: float, min_keep: float, unit: int = 1, least: int = 1) -> int:
     """The fewest channels a group may keep under a target: `min_keep` of its original width (rounded up),
-    what its rate allows (`compress_rate` caps the fraction removed; rate 0: not pruned), at least one,
-    rounded up to a multiple of `unit`, and never more than it has now."""
+    what its rate allows (`compress_rate` caps the fraction removed; rate 0: not pruned), at least `least`
+    (one; two per slice of a grouped conv), rounded up to a multiple of `unit`, and never more than it has now."""
     share = math.ceil(min_keep * original - 1e-9)  # 0.1 * 30 is 3.0000000000000004 in floats
-    return round_up(max(1, share, keep_count(original, rate)), current, unit)
+    return round_up(max(least, share, keep_count(original, rate)), current, unit)
+
+
+Units = int | dict  # one block size for every group, or group name -> its own (grouped convs: engine.PruningPlan.units)
+
+
+def unit_of(unit: Units, group: str) -> int:
+    return int(unit.get(group, 1)) if isinstance(unit, dict) else int(unit)
 
 
 def block_sizes(current: int, floor: int, unit: int = 1) -> torch.Tensor:
@@ -135,10 +142,11 @@ class CostModel:
                     scale, bias = area * positions.get(id(module), 0), 0.0
                 else:
                     scale, bias = area, float(module.bias is not None)
-                if module.groups == 1:
-                    rows.append((module, module.out_channels, module.in_channels, scale, bias))
-                else:  # grouped / depthwise: the input width per group stays (Torch-Pruning prunes whole groups)
+                if module.groups > 1 and module.groups == module.out_channels:
+                    # depthwise: Torch-Pruning removes a group with each channel, the input width per group stays
                     rows.append((module, module.out_channels, 0.0, 0.0, scale * per_group + bias))
+                else:  # dense or grouped: the groups stay (Torch-Pruning narrows every slice alike), out * in / groups
+                    rows.append((module, module.out_channels, module.in_channels, scale / module.groups, bias))
             elif isinstance(module, nn.Linear):
                 if metric == "macs":
                     scale, bias = positions.get(id(module), 0), 0.0
@@ -193,13 +201,13 @@ def _output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[int,
 
 
 # -- removal orders ----------------------------------------------------------------------------------------
-def uniform_order(cost: CostModel, original: dict[str, int], floors: dict[str, int], unit: int = 1) -> Events:
+def uniform_order(cost: CostModel, original: dict[str, int], floors: dict[str, int], unit: Units = 1) -> Events:
     """Removal events ordered by the fraction of its original width the group has lost after each (ties:
     plan order). Groups absent from `floors` are not pruned; `unit`: see `block_sizes`."""
     keys, owners, sizes = [], [], []
     for j, group in enumerate(cost.groups):
         current = int(cost.widths[j])
-        size = block_sizes(current, floors.get(group, current), unit)
+        size = block_sizes(current, floors.get(group, current), unit_of(unit, group))
         if size.numel() == 0:
             continue
         orig = original.get(group, current)
@@ -216,7 +224,7 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
     return scores / top if top > 0 else scores
 
 
-def global_order(cost: CostModel, scores: dict[str, torch.Tensor], floors: dict[str, int], unit: int = 1) -> Events:
+def global_order(cost: CostModel, scores: dict[str, torch.Tensor], floors: dict[str, int], unit: Units = 1) -> Events:
     """Removal events ordered by normalised score, lowest first, across all groups in `scores`. Each
     group offers its `current - floor` lowest-scoring channels, in the engine's order (stable: lower index
     first on ties), so a prefix of the order removes exactly the channels `engine.prune_groups` will.
@@ -226,7 +234,7 @@ def global_order(cost: CostModel, scores: dict[str, torch.Tensor], floors: dict[
         if group not in scores:
             continue
         current = int(cost.widths[j])
-        size = block_sizes(current, floors.get(group, current), unit)
+        size = block_sizes(current, floors.get(group, current), unit_of(unit, group))
         if size.numel() == 0:
             continue
         values = normalise(torch.nan_to_num(scores[group].double(), nan=-math.inf))

@@ -10,10 +10,21 @@ The CIFAR ResNets' parameter-free option-A shortcut (`ShortcutA`) gets its own T
 input channels (the stream of one stage) and output channels (the stream of the next) prune
 independently, and it keeps an explicit routing of the surviving channel pairs.
 
+Grouped convolutions (RegNet, ResNeXt: `groups` > 1 but fewer groups than channels) are pruned as
+Torch-Pruning's own pruner does (its `in_channel_groups` / `out_channel_groups`): Torch-Pruning's conv
+pruner keeps the number of groups and expects the same positions removed from every group, so a channel
+group tied to a conv of `g` groups (`PruningPlan.units[group] = g`) loses whole "positions": one channel
+at the same offset in each of the `g` slices, its scores averaged over the slices (`tied_scores`). Its
+widths are therefore multiples of `g`, and it keeps at least two channels per slice
+(`min_channels`): at one, Torch-Pruning would take the conv for a depthwise one (groups == out_channels)
+and couple its input and output channels. Depthwise convs (groups == channels) need nothing: Torch-Pruning
+removes their groups together with their channels.
+
 `structure_meta` / `restore_structure` save and rebuild the pruned shapes for `model.pt`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,7 +35,7 @@ from torch import nn
 from compress import CompressError
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune import layouts
-from compress.prune.rates import KEY, RateSpec, keep_count
+from compress.prune.rates import KEY, RateSpec, keep_count, round_up
 
 META_FORMAT = "structured-pruning/1"
 
@@ -96,6 +107,8 @@ class PruningPlan:
     members: dict[str, list[str]]  # group name -> convs whose output channels form the group
     channels: dict[str, int]  # group name -> current number of channels
     rates: dict[str, float] = field(default_factory=dict)  # group name -> fraction to remove
+    # group name -> slices of a grouped conv the group is tied to (1: none); widths stay multiples of it
+    units: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, input_shape: tuple[int, ...], spec: RateSpec) -> "PruningPlan":
@@ -117,6 +130,7 @@ class PruningPlan:
         convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         name_of = {id(m): name for name, m in convs.items()}
         members: dict[str, list[str]] = {}
+        units: dict[str, int] = {}
         grouped: set[str] = set()
         for name, conv in convs.items():
             if name in grouped or conv not in graph.module2node:
@@ -129,8 +143,9 @@ class PruningPlan:
             }
             ordered = [n for n in convs if n in tied]
             members[ordered[0]] = ordered
+            units[ordered[0]] = _channel_groups(graph, group)
             grouped.update(ordered)
-        plan = cls(model, graph, convs, members, {g: convs[g].out_channels for g in members})
+        plan = cls(model, graph, convs, members, {g: convs[g].out_channels for g in members}, units=units)
         plan.rates = plan._rates_of(spec)
         return plan
 
@@ -147,6 +162,19 @@ class PruningPlan:
                 raise CompressError(f"{KEY}: convolutions {', '.join(names)} share channels but get rates {sorted(found)}")
             rates[group] = found.pop() if found else 0.0
         return rates
+
+    def min_channels(self, group: str) -> int:
+        """The fewest channels `group` may keep: 1, or two per slice when it is tied to a grouped conv."""
+        unit = self.units.get(group, 1)
+        return 1 if unit == 1 else min(self.channels[group], 2 * unit)
+
+    def tied_scores(self, group: str, scores: torch.Tensor) -> torch.Tensor:
+        """A group's channel scores with every position of a grouped conv's slices given the mean over the
+        slices (unchanged without grouping): ranking them removes the same positions from every slice."""
+        unit = self.units.get(group, 1)
+        if unit == 1:
+            return scores
+        return scores.view(unit, -1).mean(0).repeat(unit)
 
     def target_keep(self, original: dict[str, int] | None = None) -> dict[str, int]:
         """Channels each pruned group keeps under the rate spec, relative to its `original` width
@@ -168,7 +196,7 @@ class PruningPlan:
                         f"method: scores of layer '{name}' have {score.numel()} values for {self.channels[group]} channels"
                     )
                 stacked.append(score)
-            out[group] = torch.nan_to_num(torch.stack(stacked).mean(0), nan=-torch.inf)
+            out[group] = self.tied_scores(group, torch.nan_to_num(torch.stack(stacked).mean(0), nan=-torch.inf))
         return out
 
     def keep_counts(self, targets: dict[str, int], scores: dict[str, torch.Tensor], threshold: float | None) -> dict[str, int]:
@@ -180,15 +208,41 @@ class PruningPlan:
         return {g: max(keep, int((scores[g] >= threshold).sum())) if g in scores else keep for g, keep in targets.items()}
 
 
+def _channel_groups(graph: tp.DependencyGraph, group) -> int:
+    """The slices of the grouped layers a pruning group touches (as Torch-Pruning's MetaPruner detects them:
+    its layer pruners' in/out channel groups, depthwise convs left out), 1 without any; their least common
+    multiple when several differ."""
+    unit = 1
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.Conv2d) and module.groups == module.out_channels:
+            continue  # depthwise: Torch-Pruning prunes its groups with its channels
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None:
+            continue
+        slices = (pruner.get_out_channel_groups(module) if graph.is_out_channel_pruning_fn(dep.handler)
+                  else pruner.get_in_channel_groups(module))
+        unit = math.lcm(unit, max(1, int(slices)))
+    return unit
+
+
 def prune_groups(model: nn.Module, plan: PruningPlan, scores: dict[str, torch.Tensor], keep: dict[str, int]) -> None:
     """Remove the lowest-scoring channels of each group down to `keep[group]` channels (ties: lower index
-    pruned first, so the result is deterministic)."""
+    pruned first, so the result is deterministic). A group tied to a grouped conv (`plan.units`) loses whole
+    positions, the same ones in every slice (its count rounded up to a multiple of the slices)."""
     for group, count in keep.items():
         current = plan.channels[group]
+        unit = plan.units.get(group, 1)
+        count = round_up(max(plan.min_channels(group), count), current, unit)
         if count >= current:
             continue
-        order = torch.sort(scores[group], stable=True).indices
-        remove = order[: current - max(1, count)].tolist()
+        if unit == 1:
+            remove = torch.sort(scores[group], stable=True).indices[: current - count].tolist()
+        else:
+            per_slice = current // unit
+            positions = torch.sort(scores[group].view(unit, per_slice).mean(0), stable=True).indices
+            dropped = positions[: (current - count) // unit]
+            remove = (dropped[None, :] + per_slice * torch.arange(unit)[:, None]).flatten().tolist()
         plan.graph.get_pruning_group(plan.convs[group], tp.prune_conv_out_channels, remove).prune()
         plan.channels[group] = plan.convs[group].out_channels
 
