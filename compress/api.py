@@ -24,7 +24,6 @@ further `key=value` strings as on the command line. Bad values raise `compress.C
 from __future__ import annotations
 
 import copy
-import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,6 @@ from compress import CompressError
 # The models handed to `compress` in this process, by key: `arch=module` builds from `given_model`, so the
 # pipeline restores a saved stage (resume, rounds' rollback) through the same builder spec as a user's module.
 _GIVEN: dict[str, nn.Module] = {}
-_keys = itertools.count()
 
 
 def given_model(key: str, num_classes: int | None = None) -> nn.Module:
@@ -124,7 +122,6 @@ def compress(model: nn.Module, method: str = "none", *, data: Datasets | dict, s
     approxconv, quant, ...), optionally fine-tune it (`schedule={"epochs": N, ...}`; default: none), and
     return it with the run's metrics rows. The run's files (metrics.csv, state for `resume=True`, model.pt)
     go to `run_dir` (default: outputs/api/<date>/<time>_<method>). `model` itself is left untouched."""
-    from compress.config import compose
     from compress.pipeline import Run
 
     if not isinstance(model, nn.Module):
@@ -132,12 +129,16 @@ def compress(model: nn.Module, method: str = "none", *, data: Datasets | dict, s
     if not isinstance(data, (Datasets, dict)):
         raise CompressError("data: give compress.api.Datasets(train=..., test=...) or a dataset config dict "
                             f"such as {{'name': 'imagefolder', 'root': DIR}}, got {type(data).__name__}")
-    key = f"model{next(_keys)}"
+    from compress import checkpoints
+
+    # Keyed by content, so that the same model handed again (resume=True) composes the same config.
+    key = f"{type(model).__name__}-{checkpoints.digest(model)[:12]}"
     _GIVEN[key] = copy.deepcopy(model).cpu()
     try:
         schedule = {"epochs": 0, **(schedule or {})}
         measure = {"latency": False, **(measure or {})}
-        args = ["arch=module", f"arch.target={__name__}:given_model", f"arch.kwargs={{key:{key}}}",
+        args = ["arch=module", f"arch.target={__name__}:given_model", f"arch.kwargs={{key:'{key}'}}",
+                f"arch.name={_hydra_value(type(model).__name__)}",
                 "arch.checkpoint=random", f"method={method}", f"seed={seed}", f"resume={_hydra_value(resume)}",
                 *_option_overrides("method", method_options), *_option_overrides("schedule", schedule),
                 *_option_overrides("measure", measure), *_option_overrides("limits", limits)]
@@ -160,7 +161,7 @@ def compress(model: nn.Module, method: str = "none", *, data: Datasets | dict, s
                 args.append(f"arch.mean={_hydra_value(list(mean))}")
             if std is not None:
                 args.append(f"arch.std={_hydra_value(list(std))}")
-        config = compose([*args, *overrides])
+        config = _compose([*args, *overrides])
         if isinstance(data, Datasets):
             given = from_datasets(data.train, data.test, data.val, num_classes=config.dataset.num_classes,
                                   val_size=config.dataset.val_size, split_seed=config.dataset.split_seed,
@@ -175,16 +176,32 @@ def compress(model: nn.Module, method: str = "none", *, data: Datasets | dict, s
         _GIVEN.pop(key, None)
 
 
+def _compose(overrides: list[str]):
+    """The CLI's typed config from these overrides; Hydra's own errors (an unknown method, a bad override)
+    become one CompressError line, as the CLI prints them."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from compress.config import compose
+
+    try:
+        return compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CompressError(first) from None
+
+
 def _result(run, folder: Path) -> Result:
     import pandas as pd
 
     from compress import checkpoints, sources
 
+    data = run.data if hasattr(run, "data") else run._load_data()  # a finished run (resume) loads none itself
     packed = checkpoints.read(folder / "model.pt")
-    model = sources.unpack(packed, run.arch, run.data.num_classes).eval()
-    images, _ = next(run.data.test.batches(64))
+    model = sources.unpack(packed, run.spec, data.num_classes).eval()
+    images, _ = next(data.test.batches(64))
     return Result(model=model, rows=pd.read_csv(folder / "metrics.csv"), run_dir=folder,
-                  input_shape=run.data.image_shape, _check_images=images.contiguous())
+                  input_shape=data.image_shape, _check_images=images.contiguous())
 
 
 __all__ = ["Datasets", "Result", "compress", "given_model"]

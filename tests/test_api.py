@@ -30,9 +30,9 @@ class Pairs(torch.utils.data.Dataset):
 
 
 def small_cnn(classes: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes))
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
 
 def test_l1_halves_the_macs_of_an_in_memory_model_and_returns_the_cli_rows(tmp_path):
@@ -51,18 +51,22 @@ def test_l1_halves_the_macs_of_an_in_memory_model_and_returns_the_cli_rows(tmp_p
     # the returned model is the pruned one, and the caller's model is untouched
     assert result.model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
     convs = [m for m in result.model.modules() if isinstance(m, nn.Conv2d)]
-    assert sum(c.out_channels for c in convs) < 48
+    assert sum(c.out_channels for c in convs) < 96
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # held-out validation from train (no val given): decisions never read the test set
     assert set(result.rows["val_from"]) == {"train"}
 
 
 def test_resume_returns_the_finished_run_without_recomputing(tmp_path):
-    data = api.Datasets(train=Pairs(64), test=Pairs(32, seed=1))
-    first = api.compress(small_cnn(), "l1", data=data, target_macs=0.5, run_dir=tmp_path / "run", threads=1)
-    again = api.compress(small_cnn(), "l1", data=data, target_macs=0.5, run_dir=tmp_path / "run", threads=1,
+    data, model = api.Datasets(train=Pairs(64), test=Pairs(32, seed=1)), small_cnn()
+    first = api.compress(model, "l1", data=data, target_macs=0.5, run_dir=tmp_path / "run", threads=1)
+    again = api.compress(model, "l1", data=data, target_macs=0.5, run_dir=tmp_path / "run", threads=1,
                          resume=True)
     assert again.rows.equals(first.rows)
+    assert torch.equal(again.model(data.test[0][0][None]), first.model(data.test[0][0][None]))
+    # another model is another run: refused, not mixed into this one's rows
+    with pytest.raises(CompressError, match="resume: the config differs"):
+        api.compress(small_cnn(), "l1", data=data, target_macs=0.5, run_dir=tmp_path / "run", threads=1, resume=True)
 
 
 def test_export_of_the_result_matches_pytorch(tmp_path):
