@@ -45,8 +45,10 @@ def build_method(options) -> Method:
 class Run:
     """One `compress run` in `run_dir`. `experiment` and `overrides` only label its rows."""
 
-    def __init__(self, config: Config, run_dir: Path, experiment: str = "", overrides: str = ""):
+    def __init__(self, config: Config, run_dir: Path, experiment: str = "", overrides: str = "",
+                 data: datasets.Data | None = None):
         self.config = config
+        self._given_data = data  # the Python API's in-memory data sets (compress/api.py); None: from config.dataset
         self.run_dir = run_dir
         self.labels = {"experiment": experiment or "", "overrides": overrides or "", "paper_row": config.paper_row or ""}
         self.device = distributed.setup(config.device) or resolve_device(config.device)
@@ -161,7 +163,7 @@ class Run:
     # -- data, model, context -----------------------------------------------------------------------------------
     def _load_data(self):
         c = self.config
-        data = datasets.load(c.dataset, mean=c.arch.mean, std=c.arch.std, search=c.paths.data,
+        data = self._given_data or datasets.load(c.dataset, mean=c.arch.mean, std=c.arch.std, search=c.paths.data,
                              cache_dir=Path(c.paths.cache).expanduser(), device=self.device,
                              channels_last=c.schedule.channels_last)
         log.info("data: %s — train %d, val %d (from %s), test %d", data.source, len(data.train), len(data.val),

@@ -99,7 +99,9 @@ class Spec:
         """The architecture's name in rows and logs: the zoo name, `torchvision:NAME`, `timm:NAME`, or the target."""
         if self.source == "compress":
             return str(self.name)
-        return str(self.target) if self.source == "module" else f"{self.source}:{self.name}"
+        if self.source == "module":  # arch.name, when given, names your model in rows (the API gives its class)
+            return str(self.name or self.target)
+        return f"{self.source}:{self.name}"
 
     def key(self) -> Any:
         """What identifies the architecture in cache keys: the zoo name alone for the papers' models (keys
