@@ -56,7 +56,7 @@ def case(kind: str, root: str, cache: str, size: int, queue) -> None:
     import torch
 
     from compress.config import DatasetConfig
-    from compress.data import build, folder
+    from compress.data import build
 
     torch.set_num_threads(1)
     # First calls (imports of the decoders, torch.load's unpickler) before the clock starts: a tiny folder

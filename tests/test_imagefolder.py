@@ -312,3 +312,11 @@ def test_imagenet_computes_a_null_normalisation_from_a_sample_of_its_training_sp
     given = build.load(DatasetConfig(name="imagenet", **common), mean=[0.5] * 3, std=[0.2] * 3, search=[],
                        cache_dir=tmp_path / "cache", device=CPU)
     assert given.mean == pytest.approx((0.5,) * 3) and given.std == pytest.approx((0.2,) * 3)
+
+
+def test_a_corrupted_torchvision_cifar_batch_is_one_line(tmp_path):
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    (batches / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(CompressError, match=r"^dataset.root: .*cifar-10-batches-py is unreadable \("):
+        load_cifar10(tmp_path, False, tmp_path / "cache")

@@ -197,8 +197,8 @@ def _load_imagenet(cfg, mean, std, search, channels_last) -> Data:
     # Streamed: a null arch.mean / arch.std is computed from a fixed random sample of the training split.
     sample = idx["train"][torch.randperm(len(idx["train"]), generator=torch.Generator().manual_seed(cfg.split_seed + 3))
                           [:STREAMED_STATS_SAMPLE]]
-    mean_t, std_t = normalisation(mean, std, lambda: sample_moments([Path(train_ds.samples[i][0]) for i in sample.tolist()], size),
-                                  size * size)
+    sample_files = lambda: [Path(train_ds.samples[i][0]) for i in sample.tolist()]  # noqa: E731
+    mean_t, std_t = normalisation(mean, std, lambda: sample_moments(sample_files(), size), size * size)
     train_tf, eval_tf = imagenet_transforms(mean_t.tolist(), std_t.tolist(), size)
     mk = lambda ds, i: FolderSplit(ds, i, train_tf, eval_tf, channels_last)  # noqa: E731
     # ImageNet's own val/ folder plays the test set; val_from=test halves it.

@@ -119,7 +119,11 @@ def load_cifar10(root: Path, download: bool, cache_dir: Path, bad_files: str = D
     def produce() -> dict:
         log.info("decoding CIFAR-10 from %s (%s layout) once; cache: %s", base, layout, cache_dir / f"cifar10-{key}.pt")
         if layout == "torchvision":
-            return _decode_torchvision(base, download=False)
+            try:
+                return _decode_torchvision(base, download=False)
+            except Exception as e:  # torchvision's md5 check ("Dataset not found or corrupted"), a torn pickle
+                raise CompressError(f"dataset.root: {base / 'cifar-10-batches-py'} is unreadable ({reason(e)}); "
+                                    "restore it, or point dataset.root at another copy") from None
         tensors: dict = {"bad": []}
         for split in ("train", "test"):
             tensors[f"{split}_x"], tensors[f"{split}_y"], bad = _decode_folder(base / split)

@@ -81,7 +81,8 @@ def find_splits(root: Path) -> dict[str, Path]:
         raise CompressError(f"dataset.root: {root} is not a folder (dataset=imagefolder needs DIR/train/<class>/ "
                             "and DIR/test/<class>/ or DIR/val/<class>/)")
     if not (root / "train").is_dir():
-        raise CompressError(f"dataset.root: {root} has no train/ folder (expected train/<class>/ and test/<class>/ or val/<class>/)")
+        raise CompressError(f"dataset.root: {root} has no train/ folder "
+                            "(expected train/<class>/ and test/<class>/ or val/<class>/)")
     tests = [root / name for name in TEST_FOLDERS if (root / name).is_dir()]
     if not tests:
         raise CompressError(f"dataset.root: {root} has no test/ or val/ folder beside train/")
@@ -157,7 +158,8 @@ class FolderImages:
 
 def load_imagefolder(cfg: DatasetConfig, cache_dir: Path) -> FolderImages:
     if not cfg.root:
-        raise CompressError("dataset.root: dataset=imagefolder needs dataset.root=DIR (DIR/train/<class>/ and DIR/test/<class>/ or val/)")
+        raise CompressError("dataset.root: dataset=imagefolder needs dataset.root=DIR "
+                            "(DIR/train/<class>/ and DIR/test/<class>/ or val/)")
     root = Path(cfg.root).expanduser()
     try:
         listings = {name: _list_split(folder) for name, folder in find_splits(root).items()}
@@ -207,7 +209,8 @@ def _classes(listings: dict[str, Listing], decoded: dict, policy: str) -> tuple[
     skip_or_stop(bad, empty, policy)
     for name, listing in listings.items():
         if not present[name]:
-            raise CompressError(f"dataset.root: {listing.folder} holds no readable images (in class folders {listing.folder}/<class>/)")
+            raise CompressError(f"dataset.root: {listing.folder} holds no readable images "
+                                f"(in class folders {listing.folder}/<class>/)")
     train, test = set(present["train"]), set(present["test"])
     if train != test:
         folder = listings["test"].folder
