@@ -38,7 +38,7 @@ CHEAP: dict[str, dict] = {
     "cfdp": dict(batches=1, batch_size=8),
     "scap": dict(threshold=None, batches=1, batch_size=8, ae_epochs=1, ae_samples=64),
     "aup": dict(pr=0.5),
-    "approxconv": dict(),
+    "approxconv": dict(harmonics=[2]),  # one order for every group (the default list is the CIFAR ResNets' 4 stages)
     "quant": dict(calibration_batches=2, calibration_batch_size=8),
 }
 FAST = {("regnet_x_400mf", "l1")}  # ~8 s; the rest ~10-40 s each (export included): make test-full
