@@ -38,7 +38,7 @@ CHEAP: dict[str, dict] = {
     "cfdp": dict(batches=1, batch_size=8),
     "scap": dict(threshold=None, batches=1, batch_size=8, ae_epochs=1, ae_samples=64),
     "aup": dict(pr=0.5),
-    "approxconv": dict(),
+    "approxconv": dict(harmonics=[2]),  # one order for every group (the default list is the CIFAR ResNets' 4 stages)
     "quant": dict(calibration_batches=2, calibration_batch_size=8),
 }
 FAST = {("regnet_x_400mf", "l1")}  # ~8 s; the rest ~10-40 s each (export included): make test-full
@@ -147,3 +147,24 @@ def test_grouped_conv_costs_are_exact_in_the_cost_model():
     scores = {g: torch.arange(c, dtype=torch.float) for g, c in plan.channels.items()}
     engine.prune_groups(model, plan, scores, keep)
     assert predicted == count_macs(model, SHAPE)
+
+
+def test_pruned_layer_norms_and_layer_scales_reload_from_model_pt():
+    """ConvNeXt's blocks hold a LayerNorm and a bare `layer_scale` parameter that Torch-Pruning narrows with
+    the channels: restore_structure gives a fresh model those shapes, so the saved weights load strictly."""
+    from torchvision.models.convnext import CNBlock
+
+    def tiny_convnext() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), CNBlock(16, layer_scale=0.5, stochastic_depth_prob=0.0),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, CLASSES)).eval()
+
+    method = METHODS["l1"](options("l1", compress_rate=0.5))
+    model = method.compress(tiny_convnext(), cpu_context("tiny", num_classes=CLASSES, size=8))
+    assert model[1].layer_scale.shape[0] == 8 and model[1].block[2].normalized_shape == (8,)
+    saved = checkpoints.pack(model, "tiny", method.name, method.meta(model))
+    fresh = METHODS["l1"].restore(tiny_convnext(), saved["meta"], saved["state_dict"])
+    checkpoints.load_into(fresh, saved["state_dict"], "model.pt")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)

@@ -312,6 +312,8 @@ def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.
             if shape is not None and shape != (module.out_features, module.in_features):
                 new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
                 _set_module(model, name, new.to(module.weight.device, module.weight.dtype))
+        else:
+            _resize_own_tensors(module, prefix, state_dict)
     for name, spec in meta.get("shortcuts", {}).items():
         try:
             current = model.get_submodule(name)
@@ -321,6 +323,23 @@ def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.
         shortcut.set_routes(spec["in_channels"], spec["out_channels"], spec["in_index"], spec["out_index"])
         _set_module(model, name, shortcut.to(_model_device(model)))
     return model
+
+
+def _resize_own_tensors(module: nn.Module, prefix: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Any other module (LayerNorm, GroupNorm, ConvNeXt's layer_scale parameter...): its own parameters and
+    buffers take the saved shapes, as Torch-Pruning's pruners left them (values come with load_state_dict),
+    and a norm's width attributes follow."""
+    for table in (module._parameters, module._buffers):
+        for key, tensor in list(table.items()):
+            saved = state_dict.get(prefix + key)
+            if tensor is None or saved is None or not hasattr(saved, "shape") or saved.shape == tensor.shape:
+                continue
+            fresh = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+            table[key] = nn.Parameter(fresh, requires_grad=tensor.requires_grad) if table is module._parameters else fresh
+    if isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
 
 
 def _resized_conv(old: nn.Conv2d, in_channels: int, out_channels: int, groups: int) -> nn.Conv2d:
