@@ -60,7 +60,6 @@ from compress.prune.rates import RateSpec, paper_rate, round_down, round_up
 
 
 ALLOCATIONS = ("uniform", "global")
-TARGETS = {"target_macs": "macs", "target_params": "params"}  # option -> cost metric
 # One-shot passes towards a target: the cost model is exact for conv/linear/BN networks, so one pass lands;
 # a further pass corrects (from the measured cost) whatever an unusual layer type makes it miss.
 TARGET_PASSES = 3
@@ -156,9 +155,10 @@ class StructuredPruning(Method):
         self._original_channels: dict[str, int] = {}  # group name -> channels before any pruning
         # Budget target: the option's name, the fraction of the baseline to keep, the cost it counts.
         opts = self.options
-        self.target_key = next((key for key in TARGETS if getattr(opts, key) is not None), None)
-        self.target = None if self.target_key is None else float(getattr(opts, self.target_key))
-        self.metric = TARGETS.get(self.target_key)
+        self.budget = allocation.Target.of(opts)
+        self.target_key = None if self.budget is None else self.budget.key
+        self.target = None if self.budget is None else self.budget.fraction
+        self.metric = None if self.budget is None else self.budget.metric
         if self.target is not None and self.rates is None:
             self.rates = RateSpec(uniform=1.0, text="1.0")  # with a target, "paper" means: every group, no cap
         # Checked here, not in the options: method=torch_pruning shares the options and ranks globally at a rate.
@@ -314,11 +314,7 @@ class StructuredPruning(Method):
         lowest = float(cost.cost(cost.widths_of(floors)))
         if lowest > self.target * baseline * (1 + allocation.TOLERANCE):
             capped = "" if self.options.compress_rate == "paper" else ", within method.compress_rate's caps"
-            raise CompressError(
-                f"method.{self.target_key}: {self.target:g} of the baseline's {self.metric} is out of reach: with every "
-                f"prunable group at its floor (method.min_keep={self.options.min_keep:g} of its channels, at least "
-                f"one{capped}) they are {lowest / baseline:.4f} of it"
-            )
+            raise self.budget.out_of_reach(lowest / baseline, self.options.min_keep, capped)
 
     def _baseline_cost(self, model: nn.Module, ctx: Context) -> int:
         """The target's cost of the model before any pruning: recorded (state_dict) the first time."""

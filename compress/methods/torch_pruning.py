@@ -26,7 +26,6 @@ read back from the state dict, the ShortcutA routes from the meta).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +40,11 @@ from compress.measure import count_macs, count_params
 from compress.methods.base import Context, Method
 from compress.methods.structured import StructuredOptions
 from compress.models.cifar_resnet import ShortcutA
-from compress.prune import engine
+from compress.prune import allocation, engine
+from compress.prune.allocation import TOLERANCE
 from compress.prune.rates import round_up
 
 IMPORTANCES = ("group_l1", "group_taylor", "lamp", "bn_scale")
-# The pruned model lands within this fraction of the target (relative: |kept / target - 1| <= TOLERANCE).
-TOLERANCE = 0.01
 # Global allocation: how many expensive channels at the crossing of the target may be kept (see _Search).
 SPARES = 4
 # Uniform allocation: how many times the choice of groups narrowed by one channel is corrected (see _Search).
@@ -273,16 +271,12 @@ class _RankingScores(tp.importance.Importance):
         position = self.position + torch.arange(len(imp), dtype=torch.float64)
         self.position += len(imp)
         imp = imp * (1.0 + position * 2.0**-45) + position * 1e-300
-        protect = _floor(len(imp), self.min_keep)
+        protect = allocation.min_keep_floor(len(imp), self.min_keep)
         imp[torch.topk(imp, protect).indices] = torch.inf
         spared = [p - int(position[0]) for p in self.spare if position[0] <= p <= position[-1]]
         imp[spared] = torch.inf
         self.seen.append(imp)
         return imp
-
-
-def _floor(channels: int, min_keep: float) -> int:
-    return min(channels, max(1, math.ceil(channels * min_keep - 1e-9)))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -313,8 +307,9 @@ class _Search:
         self.method, self.model, self.ctx = method, model, ctx
         opts = method.options
         self.allocation = opts.allocation
-        self.metric = "params" if opts.target_params is not None else "macs"
-        self.target = opts.target_params if opts.target_params is not None else opts.target_macs
+        self.budget = allocation.Target.of(opts)
+        self.metric = "macs" if self.budget is None else self.budget.metric
+        self.target = None if self.budget is None else self.budget.fraction
         self.baseline = self._measure(model)
         self.evaluations = 0
         self.scores: torch.Tensor | None = None  # the ranking scores of the last evaluation (global: positions)
@@ -341,7 +336,7 @@ class _Search:
             channels = graph.get_out_channels(root)
             if channels is None or channels < 2:
                 continue
-            groups.append(_Group(names[id(root)], members, int(channels), _floor(int(channels), min_keep)))
+            groups.append(_Group(names[id(root)], members, int(channels), allocation.min_keep_floor(int(channels), min_keep)))
         order = {name: i for i, name in enumerate(names.values())}
         return sorted(groups, key=lambda g: order[g.root])  # module order (TP's own starts from the output end)
 
@@ -376,7 +371,7 @@ class _Search:
         return self._measure(trial) / self.baseline
 
     def within(self, fraction: float) -> bool:
-        return abs(fraction / self.target - 1.0) <= TOLERANCE
+        return self.budget.met(fraction)
 
     # -- plans ------------------------------------------------------------------------------------------
     def uniform_keep(self, ratio: float) -> dict[str, int]:
@@ -405,10 +400,7 @@ class _Search:
         return self._uniform_to_target()
 
     def _unreachable(self, best: float) -> CompressError:
-        key = "target_params" if self.metric == "params" else "target_macs"
-        return CompressError(f"method.{key}: {self.target} of the baseline's {self.metric} is out of reach: with every "
-                             f"prunable group at its floor (method.min_keep={self.method.options.min_keep} of its channels, "
-                             f"at least one) they are {best:.4f} of it")
+        return self.budget.out_of_reach(best, self.method.options.min_keep)
 
     def _record(self, label: str, fraction: float) -> float:
         self.history.append((label, fraction))
@@ -437,7 +429,7 @@ class _Search:
                 else:
                     hi, f_hi = mid, f_mid
             candidates += [(f_lo, self.global_plan(lo, spare)), (f_hi, self.global_plan(hi, spare))]
-            if any(abs(f / self.target - 1.0) <= TOLERANCE / 2 for f, _ in candidates) or attempt == SPARES:
+            if any(self.budget.met(f, TOLERANCE / 2) for f, _ in candidates) or attempt == SPARES:
                 break
             if self.scores is None:  # nothing evaluated under this spare set yet
                 self.evaluate(self.global_plan(lo, spare))
@@ -481,7 +473,7 @@ class _Search:
             else:
                 hi = mid
         candidates = [(fraction(lo), keeps[lo]), (fraction(hi), keeps[hi])]
-        if not any(abs(f / self.target - 1.0) <= TOLERANCE / 2 for f, _ in candidates):
+        if not any(self.budget.met(f, TOLERANCE / 2) for f, _ in candidates):
             candidates.append(self._narrow_some(keeps[lo], keeps[hi], fraction(lo)))
         f_best, keep_best = min(candidates, key=lambda c: abs(c[0] - self.target))
         if keep_best not in (keeps[lo], keeps[hi]):
@@ -521,7 +513,7 @@ class _Search:
                 break
             measured = self._record("narrowed", self.evaluate(self.uniform(keep)))
             tried.append((measured, keep))
-            if abs(measured / self.target - 1.0) <= TOLERANCE / 2:
+            if self.budget.met(measured, TOLERANCE / 2):
                 break
             need += measured - (f_wide - total)  # measured minus predicted: what the savings did not add up to
         return min(tried, key=lambda c: abs(c[0] - self.target))
