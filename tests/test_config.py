@@ -22,7 +22,9 @@ def test_default_job_composes_to_typed_config():
     assert (config.arch.name, config.method.name, config.dataset.name) == ("resnet56", "cfdp", "cifar10")
     assert config.method.compress_rate == "paper"  # one default, in the options dataclass
     assert config.schedule.epochs == 1 and config.pretrain.epochs == 200 and config.pretrain.milestones == [100, 150]
-    assert type(config.method).__name__ == "CFDPOptions" or dataclasses.is_dataclass(config.method)
+    from compress.methods.cfdp import CFDPOptions
+
+    assert type(config.method) is CFDPOptions and dataclasses.is_dataclass(config.method)  # typed, not a dict
 
 
 @pytest.mark.parametrize("override, key", [

@@ -12,14 +12,12 @@ from compress.layers.quant import ActivationFakeQuant
 from compress.methods import get
 from compress.pipeline import Run
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytest.importorskip("onnxruntime")
 
 
-def calibration(batches, batch_size, augment=False):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(batches):
-        yield torch.randn(batch_size, 3, 32, 32, generator=g)
+calibration = noise_calibration()
 
 
 def compressed(name: str, **options) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from compress.measure import count_macs
 from compress.methods import METHODS
 from compress.models import Spec
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytestmark = pytest.mark.usefixtures("threads")
 
@@ -49,9 +50,7 @@ def cases(methods: list[str]) -> list:
             for f in FAMILIES for m in methods]
 
 
-def calibration(batches: int, batch_size: int, augment: bool = False):
-    g = torch.Generator().manual_seed(batches * 1000 + batch_size)
-    return iter([torch.randn(batch_size, *SHAPE, generator=g) for _ in range(batches)])
+calibration = noise_calibration(SHAPE, per_request=True)
 
 
 def build(family: str) -> tuple[Spec, nn.Module]:

@@ -22,6 +22,7 @@ from compress.models import build
 from compress.prune import allocation, engine
 from compress.prune.rates import RateSpec
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytestmark = pytest.mark.usefixtures("threads")
 
@@ -30,9 +31,7 @@ COSTS = {"macs": lambda model: count_macs(model, SHAPE), "params": count_params}
 KEYS = {"macs": "target_macs", "params": "target_params"}
 
 
-def calibration(batches: int, batch_size: int, augment: bool = False):
-    g = torch.Generator().manual_seed(0)
-    return iter([torch.randn(batch_size, 3, 32, 32, generator=g) for _ in range(batches)])
+calibration = noise_calibration()
 
 
 def context(arch: str):

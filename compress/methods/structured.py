@@ -49,7 +49,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from compress import CompressError
 from compress.checks import is_count, is_number, require, require_choice
 from compress.measure import count_macs, count_params
 from compress.methods.base import Context, Method, MethodOptions
