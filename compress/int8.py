@@ -102,6 +102,13 @@ def quantise(float_onnx: bytes, calibration: torch.Tensor, *, reduce_range: bool
     root = logging.getLogger()  # the quantiser warns on the root logger about every integer shape tensor it skips
     level = root.level
     root.setLevel(logging.ERROR)
+    try:
+        return _quantise_static(q, float_onnx, reader, reduce_range, exclude)
+    finally:
+        root.setLevel(level)
+
+
+def _quantise_static(q, float_onnx: bytes, reader, reduce_range: bool, exclude: tuple[str, ...]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(float_onnx)
@@ -109,9 +116,7 @@ def quantise(float_onnx: bytes, calibration: torch.Tensor, *, reduce_range: bool
                           reduce_range=reduce_range, activation_type=q.QuantType.QUInt8,
                           weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
                           calibrate_method=q.CalibrationMethod.MinMax)
-        blob = target.read_bytes()
-    root.setLevel(level)
-    return blob
+        return target.read_bytes()
 
 
 def ort_top1(session, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
