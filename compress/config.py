@@ -289,6 +289,12 @@ class MeasureConfig:
     pgd_step_size: Optional[float] = None   # null: 2.5 * eps / pgd_steps
     pgd_random_start: bool = True  # start from a uniform point of the eps-ball (seeded by `seed`)
     attack_images: Optional[int] = None     # attack the first N test images; null: all (costly on a CPU)
+    # The final model as a static int8 ONNX file (compress/int8.py, as `compress export --int8` makes it) on the
+    # final row: int8_top1 (and the float export's int8_float_top1 on the same test images), int8_speedup_b1 /
+    # _b64 over the float export in ONNX Runtime (timed interleaved, `threads`), int8_cpu. Needs onnxruntime.
+    int8: bool = False
+    int8_calibration: int = 512     # training images that calibrate the activation ranges (a fixed draw)
+    int8_test_images: int = 2000    # test images of int8_top1 (a fixed draw; fewer when the test set is smaller)
 
     def __post_init__(self) -> None:
         _int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
@@ -300,6 +306,14 @@ class MeasureConfig:
                 _fail("measure.ort_latency", f"needs {' and '.join(missing)}, not installed: `make install`, "
                       "or measure.ort_latency=false")
         _int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
+        _int_in("measure.int8_calibration", self.int8_calibration, 1, 100_000)
+        _int_in("measure.int8_test_images", self.int8_test_images, 1, MAX_COUNT)
+        if self.int8:
+            import importlib.util
+
+            missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                _fail("measure.int8", f"needs {' and '.join(missing)}, not installed: `make install`, or measure.int8=false")
         for attack in self.attacks:
             require_choice(attack, "measure.attacks", ATTACKS)
         twice = [a for i, a in enumerate(self.attacks) if a in self.attacks[:i]]

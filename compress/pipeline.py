@@ -127,6 +127,8 @@ class Run:
             c = self.config
             row.update(attacks.robust_columns(produced, self.data.test, c.measure, mean=self.data.mean, std=self.data.std,
                                               seed=c.seed, amp=c.schedule.amp, device=self.device))
+        if stage == "final" and self.config.measure.int8 and distributed.is_main():  # compress/int8.py
+            row.update(self._int8_columns(produced))
         self._record(row, produced, **({"baseline_val_top1": row["val_top1"]} if stage == "baseline" else {}))
         return produced
 
@@ -255,6 +257,22 @@ class Run:
             loaded = self.teacher if self.teacher is not None else sources.starting_model(self.config, self.data, self.device)
             self._reference = measure.deployable_cpu(loaded)
         return self._reference
+
+    def _int8_columns(self, model: nn.Module) -> dict:
+        """The final model as `compress export --int8` makes it: its top-1 beside the float export's and the
+        ONNX Runtime speed-ups. A model that misses the tolerance still gets its columns (the row records it)."""
+        from compress import int8
+
+        m = self.config.measure
+        calibration, _ = int8.draw(self.data.train, m.int8_calibration)
+        images, labels = int8.draw(self.data.test, m.int8_test_images)
+        cpu_model = layers.clone(model).cpu().eval()
+        done = int8.build(cpu_model, self.data.image_shape, calibration.cpu(), images.cpu(), labels.cpu(),
+                          f"{len(images)} test images", threads=self.config.threads, repeats=m.latency_repeats,
+                          tolerance=float("inf"), time_it=m.latency)
+        log.info("int8: top-1 %.2f (float export %.2f), ONNX Runtime speed-up b1 %.2fx, b64 %.2fx on %s",
+                 done.int8_top1, done.float_top1, done.speedup[1], done.speedup[64], done.cpu)
+        return done.columns()
 
     def _rounds_summary(self) -> dict:
         """For the final row of an iterative run: how many rounds were accepted and rolled back."""

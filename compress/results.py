@@ -35,8 +35,9 @@ def with_reductions(row: dict, baseline: dict | None) -> dict:
 
 
 # Optional columns, after COLUMNS, present only when a run measures them: robust top-1 under attack
-# (`measure.attacks`, compress/attacks.py: robust_top1_<attack>_eps<eps>, on the final row).
-OPTIONAL_PREFIXES = ("robust_top1_",)
+# (`measure.attacks`, compress/attacks.py: robust_top1_<attack>_eps<eps>, on the final row); the int8 file's
+# top-1 and ONNX Runtime speed-ups (`measure.int8`, compress/int8.py: int8_top1, int8_speedup_b1, ..., final row).
+OPTIONAL_PREFIXES = ("robust_top1_", "int8_")
 
 
 def columns(rows: Iterable[dict]) -> list[str]:

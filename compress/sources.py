@@ -203,25 +203,33 @@ def load_saved(path: Path) -> Saved:
     return Saved(model.eval(), spec.label, packed.get("method", ""), input_shape, config)
 
 
+def run_data(saved: Saved):
+    """The run's data set (compress.data.Data, normalised as in training, on the CPU), or None when the run
+    names none that can be found here (no run config, synthetic data, the files absent)."""
+    config = saved.config or {}
+    dataset, arch, paths = config.get("dataset"), config.get("arch") or {}, config.get("paths") or {}
+    if not dataset or dataset.get("name") == "synthetic":
+        return None
+    from compress import data as datasets
+    from compress.config import DatasetConfig
+
+    try:  # a null arch.mean / arch.std: computed again, the same way
+        fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+        cfg = DatasetConfig(**{k: v for k, v in dataset.items() if k in fields})
+        search = [p for p in paths.get("data") or [] if isinstance(p, str) and "${" not in p] + ["data", "../shared"]
+        cache = Path(os.environ.get("COMPRESS_CACHE", "~/.cache/compress")).expanduser()
+        return datasets.load(cfg, mean=arch.get("mean"), std=arch.get("std"), search=search, cache_dir=cache,
+                             device=torch.device("cpu"), channels_last=False)
+    except CompressError:
+        return None
+
+
 def check_images(saved: Saved, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """`count` real test images, normalised as in training, when the run's data can be found; otherwise
     seeded random inputs (and the returned label says which)."""
-    config = saved.config or {}
-    dataset, arch, paths = config.get("dataset"), config.get("arch") or {}, config.get("paths") or {}
-    if dataset and dataset.get("name") != "synthetic":  # a null arch.mean / arch.std: computed again, the same way
-        from compress import data as datasets
-        from compress.config import DatasetConfig
-
-        try:
-            fields = {f.name for f in dataclasses.fields(DatasetConfig)}
-            cfg = DatasetConfig(**{k: v for k, v in dataset.items() if k in fields})
-            search = [p for p in paths.get("data") or [] if isinstance(p, str) and "${" not in p] + ["data", "../shared"]
-            cache = Path(os.environ.get("COMPRESS_CACHE", "~/.cache/compress")).expanduser()
-            loaded = datasets.load(cfg, mean=arch.get("mean"), std=arch.get("std"), search=search, cache_dir=cache,
-                                   device=torch.device("cpu"), channels_last=False)
-            images, _ = next(loaded.test.batches(count))
-            return images, f"{len(images)} test images of {loaded.source}"
-        except CompressError:
-            pass  # no data here: the check still runs, on random inputs
+    loaded = run_data(saved)
+    if loaded is not None:
+        images, _ = next(loaded.test.batches(count))
+        return images, f"{len(images)} test images of {loaded.source}"
     g = torch.Generator().manual_seed(seed)
     return torch.randn(count, *saved.input_shape, generator=g), f"{count} random inputs (no data set found)"
