@@ -93,8 +93,12 @@ def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo) and PyTorch's
     oneDNN can use it."""
     _, flags = _cpuinfo()
-    if not any(flag in flags for flag in NATIVE_BF16_FLAGS):
-        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS) and _onednn_bf16()
+
+
+def _onednn_bf16() -> bool:
+    """Whether PyTorch's oneDNN (mkldnn) runs bfloat16 kernels here (it also says yes where it emulates them,
+    so this is a second condition, not the test)."""
     if not torch.backends.mkldnn.is_available():
         return False
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
