@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress import (CompressError, attacks, checkpoints, data as datasets, distributed, layers, measure, methods,
-                      results, sources, train)
+                      results, runtime, sources, train)
 from compress.config import Config, ScheduleConfig
 from compress.ledger import RunLedger, fingerprint
 from compress.methods.base import Context, Method
@@ -81,6 +81,10 @@ class Run:
             return self.run_dir
         if config.threads:
             torch.set_num_threads(config.threads)
+        log.info("%s", runtime.training_precision(self.device, config.schedule.amp))
+        if config.schedule.compile and self.device.type != "cuda":
+            log.info("schedule.compile: torch.compile trains on CUDA only; on the CPU it costs more to compile than a "
+                     "fine-tune gains (docs/training-speed.md), so training runs eagerly")
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.data = self._load_data()
