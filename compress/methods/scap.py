@@ -43,6 +43,8 @@ from compress import CompressError
 from compress.checks import is_count, is_number, require
 from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.features import FEATURES, run_hooked
+from compress.prune.importance import (  # noqa: F401 (the importance helpers, re-exported)
+    DEGENERATE, L1_NORMS, NORMALISE, fidelity_term, fidelity_terms, fuse, importance, l1_term, minmax)
 
 SPECTRA = ("log", "magnitude", "power")
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
@@ -304,55 +306,6 @@ def filter_l1(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().flatten(1).sum(1).float().cpu()
 
 
-# Values of a layer whose spread is at most this fraction of their magnitude count as all equal: float
-# rounding (about 1e-7 relative in float32) must not be stretched into a ranking.
-DEGENERATE = 1e-6
-
-
-def minmax(values: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise (C,) to [0, 1]: the smallest value -> 0, the largest -> 1.
-
-    Degenerate (every finite value equal, up to `DEGENERATE` of their magnitude): all 1 -- no value
-    tells the channels apart, so none is marked for pruning. Non-finite values (NaN, +-inf) -> 0, the
-    least important (the engine ranks NaN lowest too), and they do not count towards the range.
-    """
-    values = values.detach().float()
-    finite = torch.isfinite(values)
-    out = torch.zeros_like(values)
-    if not bool(finite.any()):
-        return out
-    kept = values[finite]
-    low, high = kept.min(), kept.max()
-    span = high - low
-    if float(span) <= DEGENERATE * float(torch.maximum(high.abs(), low.abs())):  # includes span 0
-        out[finite] = 1.0
-        return out
-    out[finite] = ((kept - low) / span).clamp_(0.0, 1.0)
-    return out
-
-
-def fidelity_term(fidelity: torch.Tensor) -> torch.Tensor:
-    """`minmax(1 - fidelity)` within a layer (computed as minmax(-fidelity), which is the same); a silent
-    channel's NaN fidelity -> 0."""
-    return minmax(-fidelity)
-
-
-def fuse(fidelity_part: torch.Tensor, l1_part: torch.Tensor, l1_weight: float) -> torch.Tensor:
-    """Convex fusion of two [0, 1] terms: `(1 - l1_weight) * fidelity_part + l1_weight * l1_part`.
-    A weight of exactly 0 or 1 uses one term alone."""
-    if l1_weight == 0:
-        return fidelity_part.clone()
-    if l1_weight == 1:
-        return l1_part.clone()
-    return (1 - l1_weight) * fidelity_part + l1_weight * l1_part
-
-
-def importance(fidelity: torch.Tensor, l1: torch.Tensor, l1_weight: float) -> torch.Tensor:
-    """One layer's channel importance in [0, 1], higher = keep:
-    `(1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)` (l1: raw filter L1 norms)."""
-    return fuse(fidelity_term(fidelity), minmax(l1), l1_weight)
-
-
 # A channel whose maps' RMS over the calibration images is at most this fraction of its layer's loudest is
 # silent (a ReLU-dead channel is exactly 0).
 SILENT = 1e-6
@@ -473,8 +426,12 @@ class SCAPOptions(StructuredOptions):
     # in [0, 1]: keep the channels whose normalised importance is >= threshold (0: keep all; 1: each group's
     # best only; the paper: 0.6); null: rate spec only
     threshold: Optional[float] = 0.6
-    # in [0, 1]: importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(filter L1 norm)
+    # how the fidelity becomes the importance's [0, 1] term (compress/prune/importance.py): raw (1 - fidelity) |
+    # minmax_layer (min-max of 1 - fidelity per layer: the rule before issue 26) | minmax_global | rank_global
+    normalise: str = "minmax_layer"
+    # in [0, 1]: importance = (1 - l1_weight) * fidelity term + l1_weight * L1 term
     l1_weight: float = 0.0
+    l1_norm: str = "minmax"  # the layer-normalised filter L1 norm: minmax (per layer) | max (over the layer's largest)
     spectrum: str = "log"  # log: log(1+|F|) | magnitude: |F| | power: |F|^2 ; each spectrum then scaled to unit L2 norm
     output: str = "relu"  # relu: Y = relu(BN(conv output)) | conv: the conv's raw output
     # per image, scale to unit RMS: channel (X as a whole, each Y_j alone) | layer (Y as a whole) | none
@@ -498,7 +455,7 @@ class SCAPOptions(StructuredOptions):
                 self.threshold)
         require(is_number(self.l1_weight) and 0 <= self.l1_weight <= 1, "method.l1_weight", "a number in [0, 1]",
                 self.l1_weight)
-        for key, choices in (("spectrum", SPECTRA), ("output", OUTPUTS), ("balance", BALANCES),
+        for key, choices in (("normalise", NORMALISE), ("l1_norm", L1_NORMS), ("spectrum", SPECTRA), ("output", OUTPUTS), ("balance", BALANCES),
                              ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
             self.check(getattr(self, key) in choices, key, f"one of {', '.join(choices)}")
         for key in ("ae_hidden", "ae_batch_size", "batches", "batch_size"):
@@ -559,13 +516,15 @@ class SCAP(StructuredPruning):
         )
 
     def layer_terms(self, model, ctx, layers) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per layer, the two normalised terms of the importance: minmax(1 - fidelity), minmax(filter L1).
-        The fidelity pass runs only when its weight is not 0 (l1_weight 1 is plain L1 on this scale)."""
+        """Per layer, the two [0, 1] terms of the importance: the fidelity term (`method.normalise`) and the
+        L1 term (`method.l1_norm`). The fidelity pass runs only when its weight is not 0 (l1_weight 1 is
+        plain L1 on this scale)."""
+        opts = self.options
         if self.l1_weight < 1:
-            fidelity = {name: fidelity_term(f) for name, f in self.fidelities(model, ctx, layers).items()}
+            fidelity = fidelity_terms(self.fidelities(model, ctx, layers), opts.normalise)
         else:
             fidelity = {name: torch.zeros(conv.out_channels) for name, conv in layers.items()}
-        l1 = {name: minmax(filter_l1(conv.weight)) for name, conv in layers.items()}
+        l1 = {name: l1_term(filter_l1(conv.weight), opts.l1_norm) for name, conv in layers.items()}
         return fidelity, l1
 
     def channel_scores(self, model, ctx, layers):
@@ -575,9 +534,11 @@ class SCAP(StructuredPruning):
 
     def group_scores(self, model, ctx, plan, groups, layers) -> dict[str, torch.Tensor]:
         """Importance per channel group on [0, 1]: each term averaged over the group's convs (the engine's
-        `group_scores`), min-maxed again over the group, then fused. A one-conv group gets exactly its
-        layer's `channel_scores`; a coupled group (residual additions) spans [0, 1] as well, so the one
-        `threshold` means the same in both."""
+        `group_scores`), then fused. Under `normalise: minmax_layer` each averaged term is min-maxed again
+        over the group first, so a coupled group (residual additions) spans [0, 1] like a single layer
+        (a one-conv group gets exactly its layer's `channel_scores`); the other readings keep their
+        network-wide scale, which a re-normalisation would undo."""
         fidelity, l1 = self.layer_terms(model, ctx, layers)
         fidelity_g, l1_g = plan.group_scores(fidelity, groups), plan.group_scores(l1, groups)
-        return {g: fuse(minmax(fidelity_g[g]), minmax(l1_g[g]), self.l1_weight) for g in groups}
+        rescale = minmax if self.options.normalise == "minmax_layer" else (lambda t: t)
+        return {g: fuse(rescale(fidelity_g[g]), rescale(l1_g[g]), self.l1_weight) for g in groups}
