@@ -195,7 +195,7 @@ class ArchConfig:
 
 
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
-ATTACKS = ("fgsm", "pgd")  # measure.attacks (compress/attacks.py)
+ATTACKS = ("fgsm", "pgd")  # measure.attacks (compress/deploy/attacks.py)
 
 
 @dataclass
@@ -280,7 +280,7 @@ class MeasureConfig:
     # (ort_latency_ms_b1, ort_speedup_b1); needs the onnx and onnxruntime packages (installed by `make install`).
     ort_latency: bool = True
     eval_batch_size: int = 500     # also the attacks' batch size (they back-propagate: more memory per image)
-    # Adversarial robustness of the final model (compress/attacks.py): one final-row column per (attack,
+    # Adversarial robustness of the final model (compress/deploy/attacks.py): one final-row column per (attack,
     # epsilon), robust_top1_<attack>_eps<eps>. Epsilons are L-inf radii on the [0, 1] pixel scale, before
     # normalisation; the default list is CFDP's Table 8 (which prints no PGD steps or step size).
     attacks: List[str] = field(default_factory=list)   # fgsm | pgd; empty: no attack
@@ -289,7 +289,7 @@ class MeasureConfig:
     pgd_step_size: Optional[float] = None   # null: 2.5 * eps / pgd_steps
     pgd_random_start: bool = True  # start from a uniform point of the eps-ball (seeded by `seed`)
     attack_images: Optional[int] = None     # attack the first N test images; null: all (costly on a CPU)
-    # The final model as a static int8 ONNX file (compress/int8.py, as `compress export --int8` makes it) on the
+    # The final model as a static int8 ONNX file (compress/deploy/int8.py, as `compress export --int8` makes it) on the
     # final row: int8_top1 (and the float export's int8_float_top1 on the same test images), int8_speedup_b1 /
     # _b64 over the float export in ONNX Runtime (timed interleaved, `threads`), int8_cpu. Needs onnxruntime.
     int8: bool = False
@@ -323,7 +323,7 @@ class MeasureConfig:
                 f"{len(self.epsilons)} of them")
         for eps in self.epsilons:
             _number_in("measure.epsilons", eps, 0, 1)
-        # equal values give equal column names (compress.attacks.column writes the float's repr)
+        # equal values give equal column names (compress.deploy.attacks.column writes the float's repr)
         twice = [eps for i, eps in enumerate(self.epsilons) if float(eps) + 0.0 in [float(e) + 0.0 for e in self.epsilons[:i]]]
         if twice:
             _fail("measure.epsilons", f"lists {twice[0]!r} twice")
@@ -388,7 +388,7 @@ class Config:
     smoke: bool = False            # set by debug=smoke (what smoke=true selects): synthetic data, random weights, caps
     threads: Optional[int] = None  # torch intra-op threads (null: torch's default)
     run_id: str = "${now:%Y%m%d-%H%M%S}"
-    # The published row this run reproduces: an id of configs/tables/published.csv (compress.papers); experiment
+    # The published row this run reproduces: an id of configs/tables/published.csv (compress.report.papers); experiment
     # configs set it, metrics.csv carries it (column paper_row), `compress compare` puts the paper's numbers beside.
     paper_row: Optional[str] = None
 
@@ -397,7 +397,7 @@ class Config:
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))
         _int_in("threads", self.threads, 1, MAX_THREADS, allow_none=True)
         if self.paper_row is not None:
-            from compress import papers
+            from compress.report import papers
 
             papers.check(self.paper_row, "paper_row")
             if dataclasses.is_dataclass(self.arch) and self.arch.source != "compress":
@@ -428,7 +428,7 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from compress.experiments import register_experiments
+    from compress.job.experiments import register_experiments
     from compress.methods import METHODS
 
     cs = ConfigStore.instance()

@@ -26,9 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress import config as configs, measure, sources  # noqa: E402
+from compress import config as configs
+from compress.deploy import measure
+from compress.job import sources
 from compress.methods.scap import L1_NORMS, NORMALISE, SCAP, SCAPOptions  # noqa: E402
-from compress.pipeline import Run  # noqa: E402
+from compress.job.pipeline import Run  # noqa: E402
 from compress.prune import allocation, engine  # noqa: E402
 from compress.prune.rates import RateSpec  # noqa: E402
 

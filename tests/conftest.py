@@ -123,7 +123,7 @@ from pathlib import Path
 out = sys.stdout
 sys.stdout = io.StringIO()
 import compress.cli as cli
-import compress.pipeline as pipeline
+import compress.job.pipeline as pipeline
 from hydra.core.global_hydra import GlobalHydra
 
 pipeline.Run.execute = lambda self: self.run_dir

@@ -1,4 +1,4 @@
-"""Adversarial robustness (compress/attacks.py): FGSM and PGD on the [0, 1] pixel scale, robust top-1, the
+"""Adversarial robustness (compress/deploy/attacks.py): FGSM and PGD on the [0, 1] pixel scale, robust top-1, the
 `measure.*` keys, the robust columns in metrics.csv, and one end-to-end smoke run."""
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import CompressError, attacks, results, train
+from compress import CompressError
+from compress.deploy import attacks
+from compress.report import results
+from compress.training import train
 from compress.config import compose
 from compress.data.base import TensorSplit
 from compress.data.synthetic import make_synthetic

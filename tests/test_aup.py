@@ -78,7 +78,7 @@ def test_each_round_removes_pr_of_each_layers_remaining_weights():
 def test_target_params_ends_the_rounds_at_the_target_and_resumes():
     """method.target_params: full rounds of pr while far from the target, a last round that takes only what
     is left, then None; the baseline count travels in state_dict (resume, rollback)."""
-    from compress.measure import count_nonzero
+    from compress.deploy.measure import count_nonzero
 
     torch.manual_seed(0)
     model, method = Tiny(), aup(pr=0.2, target_params=0.6)
@@ -260,7 +260,7 @@ def test_a_final_row_without_fine_tune_reports_the_accepted_model_not_the_rolled
     """schedule.epochs=0 and the last round rolled back: the final row repeats the last *accepted* model's
     numbers (the model saved), not the thrown-away candidate's."""
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     run_dir = tmp_path / "run"
     Run(compose(["debug=smoke", "method=aup", "arch=resnet20", "schedule.rounds=1", "schedule.epochs=0",

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, layers, models, sources
+from compress import CompressError, layers, models
+from compress.job import checkpoints, sources
 from compress.config import compose
 from compress.layers.quant import ActivationFakeQuant, quantised_widths
 from compress.layers.series import series_kernel_of
 from compress.methods import get
-from compress.pipeline import Run
+from compress.job.pipeline import Run
 from tests.contexts import cpu_context
 from tests.conftest import metrics_rows, noise_calibration
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from compress import CompressError, measure, models
+from compress import CompressError, models
+from compress.deploy import measure
 from compress.config import LimitsConfig, ScheduleConfig, compose
-from compress.ledger import RunLedger, fingerprint
-from compress.rounds import IterativeSchedule
-from compress.train import make_scheduler
+from compress.job.ledger import RunLedger, fingerprint
+from compress.job.rounds import IterativeSchedule
+from compress.training.train import make_scheduler
 
 
 # -- composition and checks -------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_interleaved_timing_gives_the_speed_up_over_the_first_call():
 
 def test_rows_time_the_speed_up_against_the_baseline_in_pytorch_and_onnx_runtime(tmp_path, quick_args, threads):
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
     from tests.test_pipeline import rows
 
     pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from compress import distributed
+from compress.training import distributed
 from tests.conftest import REPO, interrupt_after_first_epoch, metrics_rows
 
 ARGS = ["dataset=synthetic", "arch=resnet20", "method=l1", "method.compress_rate=0.5", "arch.checkpoint=null",
@@ -28,7 +28,7 @@ rows = metrics_rows
 
 def test_two_processes_give_one_process_rows_for_the_same_global_batch(tmp_path):
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     cache = f"paths.cache={tmp_path / 'cache'}"
     Run(compose([*ARGS, cache]), tmp_path / "one").execute()

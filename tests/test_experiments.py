@@ -6,10 +6,10 @@ import csv
 
 import pytest
 
-from compress.experiments import approxconv_rows
+from compress.job.experiments import approxconv_rows
 from tests.conftest import REPO, compress_cli
 
-# The YAML files and the rows of the ApproxConv table (compress/experiments.py registers them).
+# The YAML files and the rows of the ApproxConv table (compress/job/experiments.py registers them).
 EXPERIMENTS = sorted([p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")]
                      + [row.name for row in approxconv_rows()])
 

@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from compress import checkpoints, layers, models
+from compress import layers, models
+from compress.job import checkpoints
 from compress.methods import METHODS, Method, MethodOptions
 from tests.contexts import cpu_context
 from tests.conftest import noise_calibration

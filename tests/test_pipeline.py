@@ -6,11 +6,13 @@ import csv
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, results
+from compress import CompressError
+from compress.job import checkpoints
+from compress.report import results
 from compress.config import compose
 from compress.methods import METHODS, Method
-from compress.pipeline import Run
-from compress.results import COLUMNS
+from compress.job.pipeline import Run
+from compress.report.results import COLUMNS
 from tests.conftest import PRETRAINED, compress_cli, interrupt_after_first_epoch, needs_shared, metrics_rows
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress import CompressError, checkpoints, models
-from compress.measure import count_macs, count_params
+from compress import CompressError, models
+from compress.job import checkpoints
+from compress.deploy.measure import count_macs, count_params
 from compress.methods import METHODS
 from compress.methods.torch_pruning import IMPORTANCES, TOLERANCE, TorchPruning, TorchPruningOptions
 from compress.models.cifar_resnet import ShortcutA

@@ -13,7 +13,6 @@ depthwise conv for ConvNeXt-like models, written with repetitions (`"7x3,7x3,5x9
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 import reprlib
 from dataclasses import dataclass, field
@@ -25,10 +24,21 @@ from torch import nn
 from compress import CompressError
 from compress.checks import is_count, is_number
 from compress.layers import bake_parametrized
-from compress.layers.quant import (ActivationFakeQuant, calibrate_input_ranges, quantise_layers,
-                                   quantised_storage_bytes)
-from compress.layers.series import SERIES, approximate_conv, fit_adam, initial_coefficients, series_kernel_of
+from compress.layers.quant import (
+    ActivationFakeQuant,
+    calibrate_input_ranges,
+    quantise_layers,
+    quantised_storage_bytes,
+)
+from compress.layers.series import (
+    SERIES,
+    approximate_conv,
+    fit_adam,
+    initial_coefficients,
+    series_kernel_of,
+)
 from compress.methods.base import Context, Method, MethodOptions
+from compress.models.inspect import matches
 
 FITS = ("lstsq", "adam")
 QUANT_SCOPES = ("all", "approx")
@@ -149,7 +159,7 @@ def plan_orders(model: nn.Module, harmonics: list[int] | None, overrides: dict[s
             for name in group.layers:
                 orders[name], source[name] = order, "method.harmonics"
     for pattern, order in (overrides or {}).items():
-        matched = [n for n, m in convs.items() if fnmatch.fnmatchcase(n, pattern) and ineligibility(m) is None]
+        matched = [n for n, m in convs.items() if matches(n, (pattern,)) and ineligibility(m) is None]
         if not matched:
             raise CompressError(f"method.overrides: '{pattern}' matches no conv with a square kernel >= 3x3")
         for name in matched:

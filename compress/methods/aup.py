@@ -10,10 +10,9 @@ state_dict). `meta` / `restore` also carry FGF layers (`compress.layers.fgf`), s
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -21,21 +20,13 @@ from torch.nn.utils import parametrize
 
 from compress import CompressError
 from compress.checks import is_number
+from compress.deploy.measure import count_nonzero
 from compress.layers import fgf, masks
-from compress.measure import count_nonzero
 from compress.methods.base import Context, Method, MethodOptions
+from compress.models.inspect import globs, matches
 
 # Layers whose `weight` AUP may prune: convolutions of any dimension and fully connected layers.
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def globs(value: str | Iterable[str] | None) -> list[str]:
-    """A checked glob option (one pattern, a list of them, or null for none) as a list."""
-    return [value] if isinstance(value, str) else list(value or [])
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def prunable_layers(model: nn.Module, include: list[str], exclude: list[str]) -> list[tuple[str, nn.Module]]:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from compress.checks import is_count, is_number, require, require_choice
-from compress.measure import count_macs, count_params
+from compress.deploy.measure import count_macs, count_params
 from compress.methods.base import Context, Method, MethodOptions
 from compress.prune import allocation, engine
 from compress.prune.features import FEATURES, feature_scores
@@ -86,7 +86,7 @@ class StructuredOptions(MethodOptions):
         remaining channels (at least one), never going past the target given by the rate spec; with a
         target, each round lowers the cost by `step_rate * step_scale` of the way from the baseline to it.
     target_macs / target_params: keep this fraction of the baseline's MACs / parameters (measured as
-        compress.measure does), within 1 % of the target (`allocation.TOLERANCE`); see docs/structured-pruning.md.
+        compress.deploy.measure does), within 1 % of the target (`allocation.TOLERANCE`); see docs/structured-pruning.md.
     allocation: with a target, how channels are taken across groups: uniform | global.
     min_keep: with a target, the fraction of its original channels every group keeps at least.
     """
@@ -322,7 +322,7 @@ class StructuredPruning(Method):
         return self._baseline[self.metric]
 
     def _cost(self, model: nn.Module, ctx: Context) -> int:
-        """The target's cost of the model now, by the project's counters (compress.measure)."""
+        """The target's cost of the model now, by the project's counters (compress.deploy.measure)."""
         return count_macs(model, ctx.input_shape) if self.metric == "macs" else count_params(model)
 
     def _log_target(self, model: nn.Module, ctx: Context, plan: "engine.PruningPlan", achieved: float, final: float,

@@ -9,7 +9,7 @@ Three parts, used by `StructuredPruning` when `method.target_macs` / `method.tar
   Torch-Pruning's dependency graph gives (a channel of a group is one input channel of the next conv, one
   slice of a concatenation, `H*W` inputs of a Linear after a flatten...). What the model does not depend
   on (other layers, ops the counter sees but no group touches) is a constant `offset`, calibrated against
-  the real counter (`compress.measure`) at the current widths. For conv/linear/BN networks (the CIFAR
+  the real counter (`compress.deploy.measure`) at the current widths. For conv/linear/BN networks (the CIFAR
   ResNets, VGG, GoogLeNet, torchvision ResNets) the prediction equals `count_macs` / `count_params` of the
   pruned model exactly (tests/test_prune_targets.py).
 - Removal orders (`Events`): every channel a group may lose is one event; `uniform_order` sorts the
@@ -41,6 +41,7 @@ from torch import nn
 
 from compress import CompressError
 from compress.prune.rates import keep_count, round_up
+from compress.models.inspect import evaluating, model_device
 
 TOLERANCE = 0.01  # a target is met when the measured cost is within 1 % of it (relative to the target)
 AIM = 0.005  # what the search aims at
@@ -166,7 +167,7 @@ class CostModel:
 
     @classmethod
     def build(cls, plan, input_shape: Sequence[int], metric: str, measured: float) -> "CostModel":
-        """The cost model of `plan`'s model now; `measured`: its cost by `compress.measure` (sets `offset`)."""
+        """The cost model of `plan`'s model now; `measured`: its cost by `compress.deploy.measure` (sets `offset`)."""
         if metric not in METRICS:
             raise ValueError(f"unknown cost metric {metric!r}")
         model = plan.model
@@ -226,15 +227,12 @@ def _output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[int,
         counts[id(module)] = counts.get(id(module), 0) + output.numel() // width
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
+        with evaluating(model):
+            model(torch.zeros(1, *input_shape, device=model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return counts
 
 
