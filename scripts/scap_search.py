@@ -76,7 +76,8 @@ def score(args) -> None:
 # The paper's shape (VGG-16 / CIFAR-10 at threshold 0.6, before fine-tuning) and the band issue 26 accepts.
 PAPER = {"params": 96.30, "macs": 90.11}
 BAND = {"params": 1.5, "macs": 2.5}
-GRID = {"normalise": NORMALISE, "l1_weight": (0.0, 0.25, 0.5), "l1_norm": L1_NORMS, "compress_rate": (1.0, 0.95, 0.9)}
+GRID = {"normalise": NORMALISE, "l1_weight": (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75), "l1_norm": L1_NORMS,
+        "compress_rate": (1.0, 0.95, 0.9, 0.85, 0.8)}
 
 
 class Scorer:
@@ -110,9 +111,10 @@ class Scorer:
 
 
 def readings(ae_tags: list[str]):
-    """Every combination of the grid (the L1 normalisation only where the L1 term has a weight)."""
+    """Every combination of the grid; the L1 normalisation only where the L1 term has a weight, and not
+    under minmax_layer, whose group re-normalisation makes `max` the same as `minmax`."""
     for ae, normalise, weight, norm, rate in itertools.product(ae_tags, *GRID.values()):
-        if weight == 0 and norm != L1_NORMS[0]:
+        if norm != L1_NORMS[0] and (weight == 0 or normalise == "minmax_layer"):
             continue
         yield ae, {"normalise": normalise, "l1_weight": weight, "l1_norm": norm, "compress_rate": rate}
 

@@ -421,16 +421,17 @@ class SCAPOptions(StructuredOptions):
     a layer still keeps one channel)."""
 
     name: str = "scap"
-    # with a threshold: the most a group may lose (1.0: no cap, one channel always stays); without: the rate spec
-    compress_rate: Any = 1.0
+    # with a threshold: the most a group may lose (0.9: every layer keeps at least 10 % of its channels, issue 26's
+    # reading; 1.0: no cap, one channel always stays); without: the rate spec
+    compress_rate: Any = 0.9
     # in [0, 1]: keep the channels whose normalised importance is >= threshold (0: keep all; 1: each group's
     # best only; the paper: 0.6); null: rate spec only
     threshold: Optional[float] = 0.6
     # how the fidelity becomes the importance's [0, 1] term (compress/prune/importance.py): raw (1 - fidelity) |
     # minmax_layer (min-max of 1 - fidelity per layer: the rule before issue 26) | minmax_global | rank_global
-    normalise: str = "minmax_layer"
+    normalise: str = "raw"
     # in [0, 1]: importance = (1 - l1_weight) * fidelity term + l1_weight * L1 term
-    l1_weight: float = 0.0
+    l1_weight: float = 0.25
     l1_norm: str = "minmax"  # the layer-normalised filter L1 norm: minmax (per layer) | max (over the layer's largest)
     spectrum: str = "log"  # log: log(1+|F|) | magnitude: |F| | power: |F|^2 ; each spectrum then scaled to unit L2 norm
     output: str = "relu"  # relu: Y = relu(BN(conv output)) | conv: the conv's raw output
@@ -444,7 +445,7 @@ class SCAPOptions(StructuredOptions):
     ae_batch_size: int = 256  # ... minibatch size ...
     ae_samples: int = 4096  # ... and number of training spectra per layer, random (image, out, in) planes
     ae_loss: str = "mse"  # mse | cosine (1 - cosine similarity)
-    ae_center: bool = False  # subtract the layer's mean training spectrum before the autoencoder (and the cosine)
+    ae_center: bool = True  # subtract the layer's mean training spectrum before the autoencoder (and the cosine)
     batches: int = 4  # calibration batches ...
     batch_size: int = 64  # ... of this many training images (256 images)
     chunk_size: Optional[int] = 8  # output channels whose spectra are built at once (memory vs. speed); null: whole layer
