@@ -116,8 +116,7 @@ class AUPOptions(MethodOptions):
         def glob_option(v: Any) -> bool:
             return isinstance(v, str) or isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)
 
-        self.check(isinstance(self.pr, (int, float)) and not isinstance(self.pr, bool) and 0 < self.pr < 1,
-              "pr", "a fraction in (0, 1) (the paper uses 0.03-0.06)")
+        self.number("pr", 0, 1, low_open=True, high_open=True)  # the paper uses 0.03-0.06
         self.check(glob_option(self.prune_layers), "prune_layers", "a glob pattern or a list of them")
         self.check(self.keep_layers is None or glob_option(self.keep_layers), "keep_layers", "a glob pattern or a list of them")
         self.check(self.target_params is None or is_number(self.target_params) and 0 < self.target_params < 1,

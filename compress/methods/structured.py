@@ -49,7 +49,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from compress.checks import is_count, is_number, require, require_choice
+from compress.checks import is_number, require
 from compress.deploy.measure import count_macs, count_params
 from compress.methods.base import Context, Method, MethodOptions
 from compress.prune import allocation, engine
@@ -116,24 +116,19 @@ class StructuredOptions(MethodOptions):
     def __post_init__(self) -> None:
         # Not a field: the parsed form of `compress_rate` (None = "paper"), for the method.
         self.rate_spec = parse_compress_rate(self.compress_rate)
-        require(self.threshold is None or is_number(self.threshold), "method.threshold", "a finite number or null",
-                self.threshold)
-        require(is_number(self.step_rate) and 0 < self.step_rate <= 1, "method.step_rate", "a number in (0, 1]",
-                self.step_rate)
-        for key in ("target_macs", "target_params"):
-            value = getattr(self, key)
-            require(value is None or (is_number(value) and 0 < value < 1), f"method.{key}",
-                    "null or the fraction of the baseline to keep, in (0, 1)", value)
-        require(self.target_macs is None or self.target_params is None, "method.target_params",
-                "null when method.target_macs is set (one target at a time)", self.target_params)
+        self.check(self.threshold is None or is_number(self.threshold), "threshold", "a finite number or null")
+        self.number("step_rate", 0, 1, low_open=True)
+        for key in ("target_macs", "target_params"):  # the fraction of the baseline to keep
+            self.number(key, 0, 1, low_open=True, high_open=True, allow_none=True)
+        self.check(self.target_macs is None or self.target_params is None, "target_params",
+                   "null when method.target_macs is set (one target at a time)")
         targeted = self.target_macs is not None or self.target_params is not None
-        require(self.threshold is None or not targeted, "method.threshold",
-                "null when method.target_macs / method.target_params is set (a budget target decides how many "
-                "channels go)", self.threshold)
-        require_choice(self.allocation, "method.allocation", ALLOCATIONS)
-        require(is_number(self.min_keep) and 0 < self.min_keep <= 1, "method.min_keep", "a number in (0, 1]",
-                self.min_keep)
-        require(is_count(self.round_to), "method.round_to", "an integer >= 1 (1: widths not rounded)", self.round_to)
+        self.check(self.threshold is None or not targeted, "threshold",
+                   "null when method.target_macs / method.target_params is set (a budget target decides how many "
+                   "channels go)")
+        self.choice("allocation", ALLOCATIONS)
+        self.number("min_keep", 0, 1, low_open=True)
+        self.count("round_to")  # 1: widths not rounded
 
 
 class StructuredPruning(Method):
@@ -404,8 +399,7 @@ class RandomOptions(StructuredOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        in_range = is_count(self.seed, minimum=-(2**63)) and self.seed < 2**64  # what torch.Generator takes
-        require(self.seed is None or in_range, "method.seed", "an integer in [-2^63, 2^64) or null", self.seed)
+        self.count("seed", -(2**63), 2**64 - 1, allow_none=True)  # what torch.Generator takes
 
 
 class RandomPruning(StructuredPruning):
@@ -431,9 +425,9 @@ class HRankOptions(StructuredOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_choice(self.feature, "method.feature", FEATURES)
-        require(is_count(self.batches), "method.batches", "an integer >= 1", self.batches)
-        require(is_count(self.batch_size), "method.batch_size", "an integer >= 1", self.batch_size)
+        self.choice("feature", FEATURES)
+        self.count("batches")
+        self.count("batch_size")
 
 
 class HRankPruning(StructuredPruning):

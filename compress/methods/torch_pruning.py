@@ -34,7 +34,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress import CompressError
-from compress.checks import is_count, require_choice
+from compress.checks import require_choice
 from compress.methods.base import Context, Method
 from compress.methods.structured import StructuredOptions
 from compress.models.cifar_resnet import ShortcutA
@@ -48,6 +48,7 @@ IMPORTANCES = ("group_l1", "group_taylor", "lamp", "bn_scale")
 
 def make_importance(name: str) -> tp.importance.Importance:
     """The Torch-Pruning importance estimator behind `method.importance` (TP's defaults otherwise)."""
+    require_choice(name, "method.importance", IMPORTANCES)
     if name == "group_l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
     if name == "group_taylor":
@@ -56,7 +57,7 @@ def make_importance(name: str) -> tp.importance.Importance:
         return tp.importance.LAMPImportance()
     if name == "bn_scale":
         return tp.importance.BNScaleImportance()
-    raise CompressError(f"method.importance: must be one of {', '.join(IMPORTANCES)}, got {name!r}")
+    raise AssertionError(name)  # unreachable: IMPORTANCES are all handled above
 
 
 @dataclass
@@ -88,12 +89,12 @@ class TorchPruningOptions(StructuredOptions):
                    "a number in [0, 1], Torch-Pruning's pruning_ratio (not 'paper', a pattern dict or a rate list)")
         self.check(self.threshold is None, "threshold",
                    "null (Torch-Pruning ranks channels by importance; use target_macs / target_params)")
-        require_choice(self.importance, "method.importance", IMPORTANCES)
+        self.choice("importance", IMPORTANCES)
         self.check(self.round_to == 1 or self.allocation == "uniform", "round_to",
                    "1 with allocation=global (TP's global ranking removes single channels; "
                    "round_to applies to allocation=uniform, or use method=l1 with allocation=global)")
-        self.check(is_count(self.batches), "batches", "an integer >= 1")
-        self.check(is_count(self.batch_size), "batch_size", "an integer >= 1")
+        self.count("batches")
+        self.count("batch_size")
 
 
 class TorchPruning(Method):
