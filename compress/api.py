@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.models.inspect import evaluating, model_device
+from compress.models.introspect import evaluating, model_device
 
 # The models handed to `compress` in this process, by key: `arch=module` builds from `given_model`, so the
 # pipeline restores a saved stage (resume, rounds' rollback) through the same builder spec as a user's module.

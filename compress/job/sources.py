@@ -34,7 +34,7 @@ from compress.job import checkpoints
 from compress.training import distributed, train
 from compress.config import DatasetConfig, ScheduleConfig
 from compress.data.base import Data
-from compress.models.inspect import classifier
+from compress.models.introspect import classifier
 
 log = logging.getLogger("compress")
 

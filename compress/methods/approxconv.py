@@ -38,7 +38,7 @@ from compress.layers.series import (
     series_kernel_of,
 )
 from compress.methods.base import Context, Method, MethodOptions
-from compress.models.inspect import matches
+from compress.models.introspect import matches
 
 FITS = ("lstsq", "adam")
 QUANT_SCOPES = ("all", "approx")

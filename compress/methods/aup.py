@@ -23,7 +23,7 @@ from compress.checks import is_number
 from compress.deploy.measure import count_nonzero
 from compress.layers import fgf, masks
 from compress.methods.base import Context, Method, MethodOptions
-from compress.models.inspect import globs, matches
+from compress.models.introspect import globs, matches
 
 # Layers whose `weight` AUP may prune: convolutions of any dimension and fully connected layers.
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)

@@ -37,7 +37,7 @@ from compress.checks import is_count, is_number
 from compress.layers import fgf
 from compress.methods.aup import AUP, AUPOptions, pruning_meta, restore_pruning
 from compress.methods.base import Context, Method
-from compress.models.inspect import globs, matches
+from compress.models.introspect import globs, matches
 from compress.prune.features import run_hooked
 
 log = logging.getLogger("compress")

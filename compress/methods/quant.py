@@ -24,7 +24,7 @@ from compress.layers.quant import (
     quantised_storage_bytes,
 )
 from compress.methods.base import Context, Method, MethodOptions
-from compress.models.inspect import globs, matches
+from compress.models.introspect import globs, matches
 
 
 @dataclass

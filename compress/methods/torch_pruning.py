@@ -38,7 +38,7 @@ from compress.checks import require_choice
 from compress.methods.base import Context, Method
 from compress.methods.structured import StructuredOptions
 from compress.models.cifar_resnet import ShortcutA
-from compress.models.inspect import classifier, evaluating, model_device
+from compress.models.introspect import classifier, evaluating, model_device
 from compress.prune import engine
 from compress.prune.allocation import TOLERANCE  # noqa: F401  (the method's tolerance, as tests read it)
 from compress.prune.tp_search import Group, Plan, RankingScores, Search, describe

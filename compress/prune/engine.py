@@ -36,7 +36,7 @@ from compress import CompressError
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune import layouts
 from compress.prune.rates import KEY, RateSpec, keep_count, round_up
-from compress.models.inspect import evaluating, model_device
+from compress.models.introspect import evaluating, model_device
 
 META_FORMAT = "structured-pruning/1"
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.models.inspect import evaluating
+from compress.models.introspect import evaluating
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 FEATURES = ("conv", "relu")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from compress import CompressError
-from compress.models.inspect import matches
+from compress.models.introspect import matches
 
 KEY = "method.compress_rate"
 MAX_TEXT = 10_000  # characters of a rate string, and of a layer-name pattern
