@@ -63,19 +63,6 @@ def _hydra_message(e: BaseException) -> str:
         lines[0][:300] if lines else type(e).__name__)
 
 
-def _smoke_to_debug(argv: list[str]) -> list[str]:
-    """`smoke=true` is the old spelling of the `debug=smoke` preset (configs/debug/smoke.yaml)."""
-    out = []
-    for a in argv:
-        key, _, value = a.partition("=")
-        if key.lstrip("+") == "smoke" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            if value.lower() in ("true", "1", "yes"):
-                out.append("debug=smoke")
-            continue
-        out.append(a)
-    return out
-
-
 GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug", "hparams_search")
 OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")
 
@@ -291,8 +278,6 @@ def run(argv: list[str]) -> None:
 
     tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/job/runtime.py)
     register_configs()
-    argv = _smoke_to_debug(argv)
-
     argv = _data_parallel_argv(argv)
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
         _precheck([a for a in argv if not a.startswith("-")], multirun=any(a in ("-m", "--multirun") for a in argv))

@@ -328,7 +328,7 @@ class PathsConfig:
 @dataclass
 class LimitsConfig:
     """Caps for quick runs, applied to `schedule` and `pretrain` and to calibration (null: no cap).
-    The `debug=smoke` preset (what `smoke=true` selects) sets them."""
+    The `debug=smoke` preset sets them."""
 
     epochs: Optional[int] = None       # caps epochs, prepare_epochs and round_epochs
     rounds: Optional[int] = None
@@ -367,7 +367,6 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     resume: bool = False           # continue the run in hydra.run.dir from its last finished epoch / stage
-    smoke: bool = False            # set by debug=smoke (what smoke=true selects): synthetic data, random weights, caps
     threads: Optional[int] = None  # torch intra-op threads (null: torch's default)
     run_id: str = "${now:%Y%m%d-%H%M%S}"
     # The published row this run reproduces: an id of configs/tables/published.csv (compress.report.papers); experiment

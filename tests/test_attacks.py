@@ -213,7 +213,7 @@ def test_robust_columns_are_added_after_the_fixed_columns_and_gathered(tmp_path)
 # -- end to end ----------------------------------------------------------------------------------------------------
 def test_smoke_run_writes_robust_columns_on_the_final_row(tmp_path):
     run_dir = tmp_path / "run"
-    compress_cli("run", "smoke=true", "arch=resnet20", "method=none", "threads=1", "measure.latency=false",
+    compress_cli("run", "debug=smoke", "arch=resnet20", "method=none", "threads=1", "measure.latency=false",
                  f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", "measure.attacks=[fgsm,pgd]",
                  "measure.epsilons=[0,0.03]", "measure.pgd_steps=2", check=True)
     with (run_dir / "metrics.csv").open() as f:

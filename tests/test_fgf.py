@@ -517,7 +517,7 @@ def test_fit_improves_on_a_pretrained_resnet20_kernel():
 
 # -- through the CLI (needs the typed-config pipeline) --------------------------------------------------
 def test_fgfp_without_rounds_names_its_recipe(tmp_path):
-    proc = compress_cli("run", "smoke=true", "method=fgfp", "arch=resnet20", "schedule.rounds=0", "threads=1",
+    proc = compress_cli("run", "debug=smoke", "method=fgfp", "arch=resnet20", "schedule.rounds=0", "threads=1",
                         f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                         timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
