@@ -487,7 +487,8 @@ def export_int8(saved, args, output: Path) -> None:
     print(f"CPU: {done.cpu}; reduce_range {'on (no VNNI: 7-bit weights, no uint8 x int8 saturation)' if done.reduce_range else 'off (VNNI/AMX int8 dot products)'}")
     print(f"{output}: int8 onnx (QOperator, uint8 activations, per-channel int8 weights"
           f"{', reduce_range' if done.reduce_range else ''}), {len(done.blob):,} bytes ({saved.arch}, method "
-          f"{saved.method}); calibrated on {done.calibration} training images")
+          f"{saved.method}); calibrated on {done.calibration} training images"
+          + (f", {done.fake_quant_scales} activation scales from the model's fake quantisers" if done.fake_quant_scales else ""))
     print(f"top-1 on {images_from}: int8 {done.int8_top1:.2f}, float {done.float_top1:.2f} "
           f"(tolerance {int8.INT8_TOLERANCE:g} point)")
     print(f"ONNX Runtime speed-up over the float export, {args.threads} thread(s), timed interleaved on "

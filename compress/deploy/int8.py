@@ -79,9 +79,10 @@ def choose_reduce_range(flags: set[str] | None = None) -> bool:
 
 
 def quantise(float_onnx: bytes, calibration: torch.Tensor, *, reduce_range: bool,
-             exclude: tuple[str, ...] = ()) -> bytes:
+             exclude: tuple[str, ...] = (), overrides: dict | None = None) -> bytes:
     """The int8 (QOperator, uint8 activations, per-channel int8 weights) form of a float ONNX model,
-    MinMax-calibrated on `calibration` (normalised images). `exclude`: node names left in float."""
+    MinMax-calibrated on `calibration` (normalised images). `exclude`: node names left in float; `overrides`:
+    tensor name -> (scale, zero point) of activations whose quantisation is given (a method=quant model's)."""
     from compress.deploy.export import require
 
     require("onnx")
@@ -103,19 +104,25 @@ def quantise(float_onnx: bytes, calibration: torch.Tensor, *, reduce_range: bool
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        return _quantise_static(q, float_onnx, reader, reduce_range, exclude)
+        return _quantise_static(q, float_onnx, reader, reduce_range, exclude, overrides or {})
     finally:
         root.setLevel(level)
 
 
-def _quantise_static(q, float_onnx: bytes, reader, reduce_range: bool, exclude: tuple[str, ...]) -> bytes:
+def _quantise_static(q, float_onnx: bytes, reader, reduce_range: bool, exclude: tuple[str, ...], overrides: dict
+                     ) -> bytes:
+    import numpy as np
+
+    extra = {"TensorQuantOverrides": {name: [{"scale": np.array(scale, dtype=np.float32),
+                                              "zero_point": np.array(zero, dtype=np.uint8)}]
+                                      for name, (scale, zero) in overrides.items()}} if overrides else None
     with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(float_onnx)
         q.quantize_static(str(source), str(target), reader, quant_format=q.QuantFormat.QOperator, per_channel=True,
                           reduce_range=reduce_range, activation_type=q.QuantType.QUInt8,
                           weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
-                          calibrate_method=q.CalibrationMethod.MinMax)
+                          calibrate_method=q.CalibrationMethod.MinMax, extra_options=extra)
         return target.read_bytes()
 
 
@@ -155,6 +162,7 @@ class Int8Result:
     images_from: str
     calibration: int
     reduce_range: bool
+    fake_quant_scales: int  # activation scales taken from a method=quant model's quantisers
     cpu: str
     float_ms: dict          # batch -> median ms
     int8_ms: dict
@@ -173,6 +181,53 @@ class Int8Result:
 INT8_COLUMNS = ("int8_top1", "int8_float_top1", "int8_check_images", "int8_calibration", "int8_reduce_range",
                 "int8_size_bytes", "int8_ort_latency_ms_b1", "int8_ort_latency_ms_b64", "int8_speedup_b1",
                 "int8_speedup_b64", "int8_cpu")
+
+
+def fake_quant_overrides(model: torch.nn.Module, float_onnx: bytes, input_shape: tuple[int, int, int]) -> dict:
+    """For a method=quant model: the ONNX input tensor of every conv / linear layer whose input it fake-quantises
+    -> (scale, zero point) of that quantiser, computed as `fake_quant_range` computes them, so that the int8
+    file quantises those activations on the very grid the quantisation-aware fine-tune trained with.
+
+    Layers and the graph's Conv / Gemm nodes are matched in execution order (the exporter traces the forward
+    pass); a count mismatch gives no overrides (ORT's calibration decides) rather than a wrong match."""
+    import onnx
+    from compress.layers.quant import INPUT_QUANT, ActivationFakeQuant
+
+    called: list[torch.nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: called.append(mod))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    graph = onnx.load_from_string(float_onnx).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    nodes = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if len(nodes) != len(called):
+        log.warning("int8: %d conv/linear layers ran but the graph has %d Conv/Gemm nodes: the activation "
+                    "ranges come from calibration, not from the fake quantisers", len(called), len(nodes))
+        return {}
+    overrides = {}
+    for module, node in zip(called, nodes):
+        quantiser = getattr(module, INPUT_QUANT, None)
+        if not isinstance(quantiser, ActivationFakeQuant) or not bool(quantiser.observed) or quantiser.bits != 8:
+            continue
+        low = min(float(quantiser.running_min), 0.0)
+        high = max(float(quantiser.running_max), 0.0)
+        scale = torch.clamp(torch.tensor((high - low) / 255, dtype=torch.float32), min=torch.finfo(torch.float32).tiny)
+        zero = int(torch.round(torch.tensor(-low, dtype=torch.float32) / scale))
+        previous = overrides.get(node.input[0])
+        if previous is not None and previous != (float(scale), zero):  # one tensor feeding two quantised layers
+            continue
+        overrides[node.input[0]] = (float(scale), max(0, min(255, zero)))
+        source = producer.get(node.input[0])
+        if source is not None and source.op_type == "Relu" and zero == 0:
+            # ORT fuses a Relu into the operator before it (QLinearConv, QLinearAdd) and quantises that operator's
+            # output: the same scale there with zero point 0 (uint8 clamps the negatives: the Relu itself).
+            overrides[source.input[0]] = (float(scale), 0)
+    return overrides
 
 
 def float_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -206,7 +261,10 @@ def build(model: torch.nn.Module, input_shape: tuple[int, int, int], calibration
     log.info("int8: %s; %s", cpu, "reduce_range=True (7-bit weights: no VNNI, uint8 x int8 would saturate)"
              if reduce_range else "reduce_range=False (VNNI/AMX int8 dot products)")
     float_blob = export.onnx_bytes(float_model(model), input_shape)
-    blob = quantise(float_blob, calibration, reduce_range=reduce_range, exclude=exclude)
+    overrides = fake_quant_overrides(model, float_blob, input_shape)
+    if overrides:
+        log.info("int8: %d activation scales taken from the model's fake quantisers (method=quant)", len(overrides))
+    blob = quantise(float_blob, calibration, reduce_range=reduce_range, exclude=exclude, overrides=overrides)
     sessions = [export.ort_session(float_blob, threads), export.ort_session(blob, threads)]
     float_top1 = ort_top1(sessions[0], test_images, test_labels)
     int8_top1 = ort_top1(sessions[1], test_images, test_labels)
@@ -220,8 +278,8 @@ def build(model: torch.nn.Module, input_shape: tuple[int, int, int], calibration
             float_ms[batch], int8_ms[batch], speedup[batch] = timed.median_ms[0], timed.median_ms[1], timed.speedup[1]
     else:
         float_ms = int8_ms = speedup = {1: float("nan"), 64: float("nan")}
-    return Int8Result(blob, float_top1, int8_top1, len(test_images), images_from, len(calibration), reduce_range, cpu,
-                      float_ms, int8_ms, speedup)
+    return Int8Result(blob, float_top1, int8_top1, len(test_images), images_from, len(calibration), reduce_range,
+                      len(overrides), cpu, float_ms, int8_ms, speedup)
 
 
 def write(blob: bytes, path: Path) -> None:
