@@ -53,18 +53,18 @@ def bare_loop(model, images, labels, batch_size, lr):
         opt.step()
 
 
-def images_per_second(loops: dict, base, images: int, repeats: int) -> dict[str, float]:
+def images_per_second(loops: dict, base, images: int, repeats: int, clock=time.perf_counter) -> dict[str, float]:
     """Run each loop (name -> fn(model, rep)) on a fresh copy of `base`, alternating their order every
-    repeat; the first pair warms up and is discarded. Median images/s per loop."""
+    repeat; the first pair warms up and is discarded. Median images/s per loop (per `clock` second)."""
     names = list(loops)
     timings: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats + 1):
         for name in names if rep % 2 == 0 else names[::-1]:
             model = copy.deepcopy(base)
-            t0 = time.perf_counter()
+            t0 = clock()
             loops[name](model, rep)
             if rep:
-                timings[name].append(time.perf_counter() - t0)
+                timings[name].append(clock() - t0)
     return {k: images / statistics.median(v) for k, v in timings.items()}
 
 
@@ -150,13 +150,17 @@ def compare_precision(args, tuned: bool) -> int:
             sched = ScheduleConfig(epochs=1, batch_size=args.batch_size, amp=precision == "bf16", channels_last=last)
             loops[f"{precision} {layout}"] = (lambda model, rep, split=split, val=val, sched=sched:
                                               train.fit(model, split, val, sched, cpu, seed=rep))
-    ips = images_per_second(loops, base, n, args.repeats)
+    # One thread: CPU-seconds of this process, which other work on a shared machine does not inflate; more
+    # threads: wall seconds (CPU time would add up the threads).
+    one_thread = torch.get_num_threads() == 1
+    unit = "images per CPU-s" if one_thread else "images/s"
+    ips = images_per_second(loops, base, n, args.repeats, time.process_time if one_thread else time.perf_counter)
     print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches x {args.repeats} repeats (+1 warm-up), "
           f"{torch.get_num_threads()} threads, malloc {'tuned' if tuned else 'as the C library sets it'}")
     print(f"CPU: {runtime.cpu_description()}")
     print(runtime.training_precision(cpu, "bf16" in precisions))
     for name, value in ips.items():
-        print(f"{name:<20} {value:8.1f} images/s")
+        print(f"{name:<20} {value:8.1f} {unit}")
     for layout in layouts:
         if len(precisions) == 2:
             print(f"ratio bf16/fp32 ({layout}): {ips[f'bf16 {layout}'] / ips[f'fp32 {layout}']:.3f}")

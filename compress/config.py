@@ -196,8 +196,8 @@ class ScheduleConfig:
     warmup_epochs: int = 0         # linear warm-up from lr/10 (not with onecycle, which warms up itself)
     label_smoothing: float = 0.0
     channels_last: bool = True
-    amp: bool = True               # mixed precision, CUDA only
-    compile: bool = False          # torch.compile, CUDA only (opt-in)
+    amp: bool = True               # bf16 autocast of the training steps: CUDA, and a CPU with native bf16 (AMX / AVX512-BF16)
+    compile: bool = False          # torch.compile (inductor) of the training steps, CUDA and CPU (opt-in)
     max_batches: Optional[int] = None   # cap batches per epoch (quick runs)
     # Knowledge distillation in every fine-tune of a run (recovery after prepare, rounds, final), from the
     # model as loaded, before compression (eval mode): loss = (1 - distill) * CE + distill * T^2 * KL(T),

@@ -218,7 +218,9 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
                             f"{distributed.world_size()} data-parallel ranks")
     # Data-parallel under torchrun: each rank steps on its shard of the global batch (compress/training/distributed.py).
     step_model = distributed.wrap(model, device)
-    step_model = torch.compile(step_model) if sched.compile and device.type == "cuda" else step_model
+    # torch.compile (inductor) on CUDA and CPU, opt-in: on the CPU it pays back only with a warm cache
+    # (docs/training-speed.md). Evaluation runs `model`, eagerly.
+    step_model = torch.compile(step_model) if sched.compile and device.type in ("cuda", "cpu") else step_model
     smoothing = sched.label_smoothing
     with contextlib.ExitStack() as stack:
         distiller = stack.enter_context(Distiller(teacher, model, sched)) if sched.distilling else None
