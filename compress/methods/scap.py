@@ -256,10 +256,13 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 # -- per-layer sampling and scoring (called inside forward hooks) ---------------------------------------------
 @dataclass
 class SpectrumOptions:
-    spectrum: str = "log"
-    resize: str = "nearest"
-    balance: str = "channel"
-    output: str = "relu"
+    """How a layer's field becomes spectra: `method.spectrum`, `resize`, `balance`, `output` (SCAPOptions
+    holds their defaults)."""
+
+    spectrum: str
+    resize: str
+    balance: str
+    output: str
 
 
 def layer_planes(x: torch.Tensor, y: torch.Tensor, opts: SpectrumOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,14 +330,17 @@ def silent_channels(mean_power: torch.Tensor) -> torch.Tensor:
 # -- two passes over the calibration data ---------------------------------------------------------------------
 @dataclass
 class AutoencoderOptions:
-    hidden: int = 8
-    ratio: float = 0.25  # the bottleneck is never wider than this fraction of the spectrum length
-    epochs: int = 10
-    lr: float = 1e-2
-    batch_size: int = 256
-    samples: int = 4096
-    loss: str = "mse"
-    center: bool = False
+    """The autoencoders' training: `method.ae_<key>` (SCAPOptions holds their defaults); `ratio` caps the
+    bottleneck at that fraction of the spectrum length."""
+
+    hidden: int
+    ratio: float
+    epochs: int
+    lr: float
+    batch_size: int
+    samples: int
+    loss: str
+    center: bool
 
 
 def layer_fidelities(
