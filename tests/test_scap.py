@@ -3,6 +3,7 @@ coupled groups, determinism, chunking."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_align_output_nearest_repeats_each_pixel_over_its_stride_cell():
 
 def test_layer_planes_pair_strided_output_with_input_grid():
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
-    fx, fy = scap.layer_planes(x, y, scap.SpectrumOptions(balance="none"))
+    fx, fy = scap.layer_planes(x, y, dataclasses.replace(SCAP().spectrum_opts, balance="none"))
     assert fx.shape == (2, 3, 8, 8) and fy.shape == (2, 5, 8, 8)
     assert torch.allclose(fy, scap.plane_fft(scap.align_output(y, (8, 8))))
 
@@ -153,7 +154,7 @@ def test_chunked_scores_equal_unchunked():
     fx = scap.plane_fft(torch.randn(3, 4, 6, 6, generator=g))
     fy = scap.plane_fft(torch.randn(3, 7, 6, 6, generator=g))
     ae = scap.init_autoencoder(36, 3, g)
-    opts = scap.SpectrumOptions()
+    opts = SCAP().spectrum_opts
     whole = scap.fidelity_sums(fx, fy, ae, opts, None)
     assert whole.shape == (7,)
     for chunk in (1, 3, 7, 50):

@@ -80,3 +80,30 @@ def test_global_readings_average_a_coupled_group_without_renormalising(monkeypat
 def test_bad_reading_fails_with_one_line_naming_the_key(key, value):
     with pytest.raises(CompressError, match=rf"^method\.{key}: [^\n]*$"):
         SCAPOptions(**{key: value})
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_default_reading_gives_the_papers_shape_on_vgg16_and_spares_resnet56(tmp_path):
+    """Issue 26 (about 10 minutes on one thread): at the paper's threshold 0.6, before fine-tuning, the
+    default reading removes -96.3 +- 1.5 % of the committed VGG-16-BN's parameters and -90.1 +- 2.5 % of
+    its MACs (the paper's shape), and less of ResNet-56's parameters than of VGG-16-BN's."""
+    from compress import config as configs, measure, sources
+    from compress.pipeline import Run
+    from tests.conftest import CIFAR, PRETRAINED
+
+    removed = {}
+    for arch, extra in (("vgg16_bn", []), ("resnet56", [f"arch.checkpoint={PRETRAINED / 'resnet56-4bfd9763.th'}"])):
+        config = configs.compose([f"arch={arch}", f"dataset.root={CIFAR}", "threads=1", "method=scap", *extra])
+        run = Run(config, tmp_path / arch)
+        run.data = run._load_data()
+        ctx = run._context()
+        model = sources.starting_model(config, run.data, run.device).eval()
+        shape = ctx.input_shape
+        before = measure.count_params(model), measure.count_macs(model, shape)
+        pruned = SCAP(config.method).compress(model, ctx)
+        removed[arch] = [100 * (1 - after / base) for after, base in
+                         zip((measure.count_params(pruned), measure.count_macs(pruned, shape)), before)]
+    params, macs = removed["vgg16_bn"]
+    assert abs(params - 96.3) <= 1.5 and abs(macs - 90.1) <= 2.5, removed
+    assert removed["resnet56"][0] < params, removed

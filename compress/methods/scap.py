@@ -9,13 +9,14 @@ of that layer. The fidelity of channel j is the cosine similarity between a spec
 reconstruction, averaged over the input channels and the calibration images. High fidelity = the channel's
 interaction with its input lies on the low-dimensional manifold the autoencoder captured = compressible.
 
-Importance (higher = keep) is built on one [0, 1] scale in every layer, whatever the raw fidelities:
-`importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)`, minmax taken over the
-channels of a layer (the layer's most compressible channel 0, its least compressible 1; l1: filter L1
-norms). Convs tied by residual additions share one channel group: their two terms are averaged over the
-group's convs and min-maxed again over the group before fusing (`SCAP.group_scores`), so every group
-spans [0, 1] too. Channels whose importance is >= `threshold` are kept: 0 keeps all, larger prunes
-more, 1 keeps only each group's best. A layer whose values are all equal gives every channel 1 (keep).
+Importance (higher = keep), by one of issue 26's readings (compress/prune/importance.py, docs/scap.md):
+the default `normalise: raw` is `(1 - l1_weight) * (1 - fidelity) + l1_weight * minmax(l1)` on the
+centred fidelity (`ae_center`), one scale in every layer and network (l1: filter L1 norms, min-maxed per
+layer); `minmax_layer` (the rule before issue 26) min-maxes `1 - fidelity` per layer as well, and a
+coupled group's terms (convs tied by residual additions) are averaged and min-maxed again over the group
+(`SCAP.group_scores`); the other readings average the fused importance over the group. Channels whose
+importance is >= `threshold` are kept (0 keeps all), each group keeping at least `1 - compress_rate` of
+its channels (the default 0.9: 10 %). A layer whose min-maxed values are all equal gives every channel 1.
 A silent channel (maps next to zero on every calibration image, e.g. ReLU-dead) gets no fidelity (NaN):
 its fidelity term is 0 and it stays out of its layer's range. In rounds, every round renormalises the
 remaining channels, so a threshold prunes again each round: bound the total with `compress_rate`.
@@ -256,10 +257,13 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 # -- per-layer sampling and scoring (called inside forward hooks) ---------------------------------------------
 @dataclass
 class SpectrumOptions:
-    spectrum: str = "log"
-    resize: str = "nearest"
-    balance: str = "channel"
-    output: str = "relu"
+    """How a layer's field becomes spectra: `method.spectrum`, `resize`, `balance`, `output` (SCAPOptions
+    holds their defaults)."""
+
+    spectrum: str
+    resize: str
+    balance: str
+    output: str
 
 
 def layer_planes(x: torch.Tensor, y: torch.Tensor, opts: SpectrumOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,14 +331,17 @@ def silent_channels(mean_power: torch.Tensor) -> torch.Tensor:
 # -- two passes over the calibration data ---------------------------------------------------------------------
 @dataclass
 class AutoencoderOptions:
-    hidden: int = 8
-    ratio: float = 0.25  # the bottleneck is never wider than this fraction of the spectrum length
-    epochs: int = 10
-    lr: float = 1e-2
-    batch_size: int = 256
-    samples: int = 4096
-    loss: str = "mse"
-    center: bool = False
+    """The autoencoders' training: `method.ae_<key>` (SCAPOptions holds their defaults); `ratio` caps the
+    bottleneck at that fraction of the spectrum length."""
+
+    hidden: int
+    ratio: float
+    epochs: int
+    lr: float
+    batch_size: int
+    samples: int
+    loss: str
+    center: bool
 
 
 def layer_fidelities(
@@ -456,8 +463,8 @@ class SCAPOptions(StructuredOptions):
                 self.threshold)
         require(is_number(self.l1_weight) and 0 <= self.l1_weight <= 1, "method.l1_weight", "a number in [0, 1]",
                 self.l1_weight)
-        for key, choices in (("normalise", NORMALISE), ("l1_norm", L1_NORMS), ("spectrum", SPECTRA), ("output", OUTPUTS), ("balance", BALANCES),
-                             ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
+        for key, choices in (("normalise", NORMALISE), ("l1_norm", L1_NORMS), ("spectrum", SPECTRA),
+                             ("output", OUTPUTS), ("balance", BALANCES), ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
             self.check(getattr(self, key) in choices, key, f"one of {', '.join(choices)}")
         for key in ("ae_hidden", "ae_batch_size", "batches", "batch_size"):
             self.check(is_count(getattr(self, key)), key, "an integer >= 1")
