@@ -88,8 +88,10 @@ def test_default_reading_gives_the_papers_shape_on_vgg16_and_spares_resnet56(tmp
     """Issue 26 (about 10 minutes on one thread): at the paper's threshold 0.6, before fine-tuning, the
     default reading removes -96.3 +- 1.5 % of the committed VGG-16-BN's parameters and -90.1 +- 2.5 % of
     its MACs (the paper's shape), and less of ResNet-56's parameters than of VGG-16-BN's."""
-    from compress import config as configs, measure, sources
-    from compress.pipeline import Run
+    from compress import config as configs
+    from compress.deploy import measure
+    from compress.job import sources
+    from compress.job.pipeline import Run
     from tests.conftest import CIFAR, PRETRAINED
 
     removed = {}
