@@ -2,7 +2,6 @@
 `compress export RUN_DIR`."""
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import os
@@ -288,214 +287,6 @@ def run(argv: list[str]) -> None:
     main_fn()
 
 
-def report(argv: list[str]) -> None:
-    from compress.report.results import gather
-
-    p = _parser("compress report", "Gather every metrics.csv below DIRs (one line per stage).")
-    p.epilog = ("--summary [--mean-over KEYS]: one line per run instead (mean and spread over the runs that "
-                "differ only in KEYS, e.g. seed); see `compress report --summary --help`")
-    p.add_argument("dirs", nargs="+", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("report.csv"), help="CSV to write (default report.csv)")
-    p.add_argument("--columns", default="run_dir,experiment,overrides,method,arch,stage,status,top1,top1_delta,params,params_reduction_pct,"
-                   "macs,macs_reduction_pct,latency_ms_b1,size_bytes", help="comma-separated columns to print")
-    args = p.parse_args(argv)
-    for d in args.dirs:
-        if not d.exists():
-            _fail(f"{d}: no such directory")
-    table = gather(args.dirs)
-    if table is None:
-        _fail(f"no metrics.csv below {', '.join(map(str, args.dirs))}")
-    table.to_csv(args.output, index=False)
-    cols = [c for c in args.columns.split(",") if c in table.columns]
-    print(table[cols].to_markdown(index=False, floatfmt=".2f"))
-    print(f"\n{len(table)} rows from {table['run_dir'].nunique()} runs -> {args.output}")
-
-
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser whose usage errors are one line and exit 2, like every other error."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.error = lambda message: _fail(f"{prog}: {message}")  # type: ignore[method-assign]
-    return p
-
-
-def _runs_below(dirs: list[Path]):
-    """Every metrics.csv below `dirs` (compress.report.results.gather); a missing DIR or none found is one line."""
-    from compress.report.results import gather
-
-    for d in dirs:
-        if not d.exists():
-            _fail(f"{d}: no such directory")
-    try:
-        table = gather(dirs)
-    except CompressError as e:
-        _fail(str(e))
-    if table is None:
-        _fail(f"no metrics.csv below {', '.join(map(str, dirs))}")
-    return table
-
-
-def report_summary(argv: list[str]) -> None:
-    """`compress report DIR... --summary`: one line per run instead of one per stage."""
-    from compress.report import compare
-
-    p = _parser("compress report --summary", "One line per run: baseline -> final top-1, reductions, wall time.")
-    p.add_argument("dirs", nargs="+", type=Path)
-    p.add_argument("--summary", action="store_true", help="one line per run (this table)")
-    p.add_argument("--mean-over", metavar="KEYS", help="merge the runs that differ only in these comma-separated "
-                   "override keys (e.g. seed): mean, spread, min and max of the final top-1")
-    p.add_argument("-o", "--output", type=Path, help="also write the table: FILE.csv or FILE.md")
-    args = p.parse_args(argv)
-    if args.output is not None and args.output.suffix.lower() not in (".csv", ".md"):
-        _fail(f"{args.output}: -o must end with .csv or .md")
-    keys = [k.strip() for k in (args.mean_over or "").split(",") if k.strip()]
-    if args.mean_over is not None and not keys:
-        _fail("--mean-over: name at least one override key (e.g. --mean-over seed)")
-    try:
-        gathered = _runs_below(args.dirs)
-        table = compare.summary(gathered)
-        runs = len(table)
-        if keys:
-            table = compare.mean_over(compare.runs(gathered, resolve=lambda name: ""), keys)
-            text = compare.markdown(table, compare.MEAN_COLUMNS)
-            columns = compare.MEAN_COLUMNS
-        else:
-            text, columns = compare.summary_markdown(table), compare.SUMMARY_COLUMNS
-        if args.output is not None:
-            compare.write_table(table, args.output, columns, text)
-    except CompressError as e:
-        _fail(str(e))
-    print(text)
-    shown = f"{runs} runs" + (f" in {len(table)} settings (over {', '.join(keys)})" if keys else "")
-    print(f"\n{shown}" + (f" -> {args.output}" if args.output is not None else ""))
-
-
-def compare_runs(argv: list[str]) -> None:
-    """`compress compare DIR...`: one line per run beside its linked published row."""
-    from compress.report import compare
-
-    p = _parser("compress compare", "Our runs beside the published rows they reproduce (one line per run).")
-    p.add_argument("dirs", nargs="+", type=Path)
-    p.add_argument("-o", "--output", type=Path, help="also write the table: FILE.csv (every column) or FILE.md")
-    p.add_argument("--published", type=Path, help="CSV of published rows (default: the package's table)")
-    args = p.parse_args(argv)
-    if args.output is not None and args.output.suffix.lower() not in (".csv", ".md"):
-        _fail(f"{args.output}: -o must end with .csv or .md")
-    try:
-        runs = _runs_below(args.dirs)
-        table = compare.compare(runs, compare.load_published(args.published))
-        text = compare.markdown(table, compare.COMPARE_MARKDOWN_COLUMNS)
-        if args.output is not None:
-            compare.write_table(table, args.output, compare.COMPARE_CSV_COLUMNS, text)
-    except CompressError as e:
-        _fail(str(e))
-    print(text)
-    linked = int((table["paper_top1"].notna()).sum())
-    print(f"\n{len(table)} runs, {linked} beside a published row" + (f" -> {args.output}" if args.output else ""))
-
-
-def plot_runs(argv: list[str]) -> None:
-    """`compress plot DIR... -o FILE.png`: top-1 vs parameters and vs MACs, one row of panels per arch."""
-    from compress.report import compare
-    from compress.report import plot
-
-    p = _parser("compress plot", "Top-1 against parameters and MACs: our runs, the papers' rows, the Pareto front.")
-    p.add_argument("dirs", nargs="+", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("plot.png"), help="FILE.png|.pdf|.svg (default plot.png)")
-    p.add_argument("--published", type=Path, help="CSV of published rows (default: the package's table)")
-    p.add_argument("--rounds", action="store_true",
-                   help="each iterative run's course instead: top-1 and parameters removed, round by round")
-    args = p.parse_args(argv)
-    try:
-        plot.check_output(args.output)
-        runs = _runs_below(args.dirs)
-        if args.rounds:
-            drawn = plot.plot_rounds(runs, compare.load_published(args.published), args.output)
-            print(f"{drawn} run{'' if drawn == 1 else 's'}, round by round -> {args.output}")
-            return
-        published = compare.load_published(args.published)
-        table = compare.compare(runs, published)
-        if table.empty:
-            _fail(f"nothing to plot: the metrics.csv below {', '.join(map(str, args.dirs))} hold no rows")
-        rows = plot.plot(table, published, args.output)
-    except CompressError as e:
-        _fail(str(e))
-    finished = int((table["stage"] == "final").sum())
-    print(f"{finished} finished runs of {len(table)}, {rows} architecture(s) -> {args.output}")
-
-
-def export_model(argv: list[str]) -> None:
-    """`compress export PATH`: the run's model as an ONNX or TorchScript file, checked against PyTorch."""
-    from compress.deploy import export, int8
-    from compress.job import sources
-
-    p = _parser("compress export", "Write a run's compressed model as a deployable file and check its outputs.")
-    p.add_argument("path", type=Path, help="a run dir (its model.pt) or a model.pt file")
-    p.add_argument("--format", default="onnx", choices=export.FORMATS, help="onnx (default) or torchscript")
-    p.add_argument("-o", "--output", type=Path, help="file to write (default: model.onnx / model.torchscript.pt beside model.pt)")
-    p.add_argument("--images", type=int, default=64, help="images the check runs on (default 64)")
-    p.add_argument("--tolerance", type=float, default=export.TOLERANCE, help="largest max-abs logit difference (default 1e-4)")
-    p.add_argument("--int8", action="store_true",
-                   help="static int8 quantisation with ONNX Runtime (onnx only), checked on real test images")
-    p.add_argument("--calibration", type=int, default=int8.CALIBRATION_IMAGES,
-                   help=f"--int8: training images that calibrate the activation ranges (default {int8.CALIBRATION_IMAGES})")
-    p.add_argument("--test-images", type=int, default=int8.CHECK_IMAGES,
-                   help=f"--int8: test images of the top-1 check (default {int8.CHECK_IMAGES}, a fixed draw)")
-    p.add_argument("--threads", type=int, default=1, help="--int8: ONNX Runtime threads of the timing (default 1)")
-    args = p.parse_args(argv)
-    if not 1 <= args.images <= 10_000:
-        _fail(f"--images: {args.images} is not in [1, 10000]")
-    if not 0 <= args.tolerance < float("inf"):
-        _fail(f"--tolerance: {args.tolerance} is not a number >= 0")
-    if args.int8:
-        if args.format != "onnx":
-            _fail(f"--int8: an int8 file is ONNX only (--format onnx), not {args.format}")
-        if not 1 <= args.calibration <= 100_000:
-            _fail(f"--calibration: {args.calibration} is not in [1, 100000]")
-        if not 1 <= args.test_images <= 1_000_000:
-            _fail(f"--test-images: {args.test_images} is not in [1, 1000000]")
-        if not 1 <= args.threads <= 128:
-            _fail(f"--threads: {args.threads} is not in [1, 128]")
-    saved = sources.load_saved(args.path)
-    folder = args.path if args.path.is_dir() else args.path.parent
-    if args.int8:
-        export_int8(saved, args, args.output or folder / "model.int8.onnx")
-        return
-    output = args.output or folder / ("model.onnx" if args.format == "onnx" else "model.torchscript.pt")
-    images, images_from = sources.check_images(saved, args.images)
-    done = export.export(saved.model, args.format, output, saved.input_shape, images, images_from, args.tolerance)
-    print(f"{done.path}: {done.fmt}, {done.size_bytes:,} bytes ({saved.arch}, method {saved.method}); "
-          f"checked on {done.images_from}: {done.criterion}")
-
-
-def export_int8(saved, args, output: Path) -> None:
-    """`compress export --int8`: quantise, check top-1 against the float file, time both, then write."""
-    import torch
-
-    from compress.deploy import int8
-    from compress.job import sources
-
-    data = sources.run_data(saved)
-    if data is None:
-        _fail(f"--int8: {args.path}: the run's data set cannot be found here (calibration and the top-1 check "
-              "need real images)")
-    torch.set_num_threads(args.threads)
-    calibration, _ = int8.draw(data.train, args.calibration)
-    images, labels = int8.draw(data.test, args.test_images)
-    images_from = f"{len(images)} test images of {data.source}"
-    done = int8.build(saved.model, saved.input_shape, calibration, images, labels, images_from, threads=args.threads)
-    int8.write(done.blob, output)
-    print(f"CPU: {done.cpu}; reduce_range {'on (no VNNI: 7-bit weights, no uint8 x int8 saturation)' if done.reduce_range else 'off (VNNI/AMX int8 dot products)'}")
-    print(f"{output}: int8 onnx (QOperator, uint8 activations, per-channel int8 weights"
-          f"{', reduce_range' if done.reduce_range else ''}), {len(done.blob):,} bytes ({saved.arch}, method "
-          f"{saved.method}); calibrated on {done.calibration} training images"
-          + (f", {done.fake_quant_scales} activation scales from the model's fake quantisers" if done.fake_quant_scales else ""))
-    print(f"top-1 on {images_from}: int8 {done.int8_top1:.2f}, float {done.float_top1:.2f} "
-          f"(tolerance {int8.INT8_TOLERANCE:g} point)")
-    print(f"ONNX Runtime speed-up over the float export, {args.threads} thread(s), timed interleaved on "
-          f"{done.cpu}: batch 1 {done.speedup[1]:.2f}x ({done.float_ms[1]:.3f} -> {done.int8_ms[1]:.3f} ms), "
-          f"batch 64 {done.speedup[64]:.2f}x ({done.float_ms[64]:.2f} -> {done.int8_ms[64]:.2f} ms)")
-
-
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
@@ -505,10 +296,13 @@ def main() -> None:
     if cmd == "run":
         run(rest)
     elif cmd in ("report", "compare", "plot", "export"):
+        from compress.deploy import commands as deploy
+        from compress.report import commands as reporting
+
         if cmd == "report":
-            command = report_summary if "--summary" in rest else report
+            command = reporting.report_summary if "--summary" in rest else reporting.report
         else:
-            command = {"compare": compare_runs, "plot": plot_runs, "export": export_model}[cmd]
+            command = {"compare": reporting.compare_runs, "plot": reporting.plot_runs, "export": deploy.export_model}[cmd]
         try:
             command(rest)
         except CompressError as e:  # e.g. an unreadable metrics.csv below DIR

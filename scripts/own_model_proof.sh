@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 C=${COMPRESS:-.venv/bin/compress}
 OUT=${PROOF_OUT:-outputs/own_model}
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-8}
-FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-3}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-2}
 common=(arch=torchvision arch.name=resnet18 dataset=cifar10
         arch.mean=[0.4914,0.4822,0.4465] arch.std=[0.2470,0.2435,0.2616]
         arch.checkpoint=null schedule@pretrain=pretrain_fast pretrain.epochs=$PRETRAIN_EPOCHS
