@@ -1,6 +1,6 @@
 """Pruning and int8 together, side by side in one run: the float dense baseline, a pruned model, the dense model
-in int8 and the pruned model in int8 (`compress export --int8`'s quantisation, compress/int8.py), all four in
-ONNX Runtime with one session each, timed in alternating blocks (`compress.measure.interleaved_ms`) at batch 1
+in int8 and the pruned model in int8 (`compress export --int8`'s quantisation, compress/deploy/int8.py), all four in
+ONNX Runtime with one session each, timed in alternating blocks (`compress.deploy.measure.interleaved_ms`) at batch 1
 and batch 64, with each one's top-1 on the same test images and its speed-up over the float dense baseline.
 
 `--formats` adds the quantisation formats the choice was made between, on the dense model: QOperator with uint8
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from compress import export, int8, measure, sources
+from compress.deploy import export, int8, measure
+from compress.job import sources
 
 
 def qdq(float_blob: bytes, calibration: torch.Tensor, activation: str) -> bytes:

@@ -63,19 +63,6 @@ def _hydra_message(e: BaseException) -> str:
         lines[0][:300] if lines else type(e).__name__)
 
 
-def _smoke_to_debug(argv: list[str]) -> list[str]:
-    """`smoke=true` is the old spelling of the `debug=smoke` preset (configs/debug/smoke.yaml)."""
-    out = []
-    for a in argv:
-        key, _, value = a.partition("=")
-        if key.lstrip("+") == "smoke" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            if value.lower() in ("true", "1", "yes"):
-                out.append("debug=smoke")
-            continue
-        out.append(a)
-    return out
-
-
 GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug", "hparams_search")
 OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")
 
@@ -184,19 +171,19 @@ def _search_values(line: str) -> list[str]:
 
 
 def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
-    """`hparams_search=<name>` (configs/hparams_search/, compress/search.py): the objective's settings and
+    """`hparams_search=<name>` (configs/hparams_search/, compress/job/search.py): the objective's settings and
     the searched parameters' ends, checked before the first trial starts."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     from compress.config import to_config
-    from compress.search import KEY, SearchObjective
+    from compress.job.search import KEY, SearchObjective
 
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
             full = compose(config_name="config", overrides=plain + hydra_overrides, return_hydra_config=True)
             settings = OmegaConf.select(full, KEY)
-            if settings is not None and settings.get("_target_") == "compress.search.SearchObjective":
+            if settings is not None and settings.get("_target_") == "compress.job.search.SearchObjective":
                 options = {k: v for k, v in OmegaConf.to_container(settings, resolve=True).items() if k != "_target_"}
                 try:
                     SearchObjective(**options)
@@ -229,9 +216,9 @@ def _is_out_of_memory(e: BaseException) -> bool:
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from compress import distributed
+    from compress.training import distributed
     from compress.config import to_config
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if os.environ.get("RANK", "0") != "0":
@@ -264,9 +251,9 @@ def _task(cfg) -> None:
 
 
 def _data_parallel_argv(argv: list[str]) -> list[str]:
-    """Under torchrun (compress/distributed.py): one run, in one run dir that every rank names, whose
+    """Under torchrun (compress/training/distributed.py): one run, in one run dir that every rank names, whose
     .hydra/ and log rank 0 alone writes."""
-    from compress import distributed
+    from compress.training import distributed
 
     try:
         if not distributed.launched():
@@ -287,12 +274,10 @@ def run(argv: list[str]) -> None:
     import hydra
 
     from compress.config import register_configs
-    from compress.runtime import tune_allocator
+    from compress.job.runtime import tune_allocator
 
-    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/runtime.py)
+    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/job/runtime.py)
     register_configs()
-    argv = _smoke_to_debug(argv)
-
     argv = _data_parallel_argv(argv)
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
         _precheck([a for a in argv if not a.startswith("-")], multirun=any(a in ("-m", "--multirun") for a in argv))
@@ -304,7 +289,7 @@ def run(argv: list[str]) -> None:
 
 
 def report(argv: list[str]) -> None:
-    from compress.results import gather
+    from compress.report.results import gather
 
     p = _parser("compress report", "Gather every metrics.csv below DIRs (one line per stage).")
     p.epilog = ("--summary [--mean-over KEYS]: one line per run instead (mean and spread over the runs that "
@@ -334,8 +319,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _runs_below(dirs: list[Path]):
-    """Every metrics.csv below `dirs` (compress.results.gather); a missing DIR or none found is one line."""
-    from compress.results import gather
+    """Every metrics.csv below `dirs` (compress.report.results.gather); a missing DIR or none found is one line."""
+    from compress.report.results import gather
 
     for d in dirs:
         if not d.exists():
@@ -351,7 +336,7 @@ def _runs_below(dirs: list[Path]):
 
 def report_summary(argv: list[str]) -> None:
     """`compress report DIR... --summary`: one line per run instead of one per stage."""
-    from compress import compare
+    from compress.report import compare
 
     p = _parser("compress report --summary", "One line per run: baseline -> final top-1, reductions, wall time.")
     p.add_argument("dirs", nargs="+", type=Path)
@@ -386,7 +371,7 @@ def report_summary(argv: list[str]) -> None:
 
 def compare_runs(argv: list[str]) -> None:
     """`compress compare DIR...`: one line per run beside its linked published row."""
-    from compress import compare
+    from compress.report import compare
 
     p = _parser("compress compare", "Our runs beside the published rows they reproduce (one line per run).")
     p.add_argument("dirs", nargs="+", type=Path)
@@ -410,8 +395,8 @@ def compare_runs(argv: list[str]) -> None:
 
 def plot_runs(argv: list[str]) -> None:
     """`compress plot DIR... -o FILE.png`: top-1 vs parameters and vs MACs, one row of panels per arch."""
-    from compress import compare
-    from compress import plot
+    from compress.report import compare
+    from compress.report import plot
 
     p = _parser("compress plot", "Top-1 against parameters and MACs: our runs, the papers' rows, the Pareto front.")
     p.add_argument("dirs", nargs="+", type=Path)
@@ -440,7 +425,8 @@ def plot_runs(argv: list[str]) -> None:
 
 def export_model(argv: list[str]) -> None:
     """`compress export PATH`: the run's model as an ONNX or TorchScript file, checked against PyTorch."""
-    from compress import export, int8, sources
+    from compress.deploy import export, int8
+    from compress.job import sources
 
     p = _parser("compress export", "Write a run's compressed model as a deployable file and check its outputs.")
     p.add_argument("path", type=Path, help="a run dir (its model.pt) or a model.pt file")
@@ -485,7 +471,8 @@ def export_int8(saved, args, output: Path) -> None:
     """`compress export --int8`: quantise, check top-1 against the float file, time both, then write."""
     import torch
 
-    from compress import int8, sources
+    from compress.deploy import int8
+    from compress.job import sources
 
     data = sources.run_data(saved)
     if data is None:

@@ -1,4 +1,4 @@
-"""`compress export --int8` and `measure.int8` (compress/int8.py): a real int8 ONNX file (QOperator, uint8
+"""`compress export --int8` and `measure.int8` (compress/deploy/int8.py): a real int8 ONNX file (QOperator, uint8
 activations, per-channel int8 weights) whose top-1 on real test images is checked against the float file's,
 nothing written when it misses; reduce_range chosen from the CPU's flags; the int8 columns of a run's rows."""
 from __future__ import annotations
@@ -8,9 +8,11 @@ import csv
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, cli, export, int8, models
+from compress import CompressError, cli, models
+from compress.deploy import export, int8
+from compress.job import checkpoints
 from compress.config import compose
-from compress.pipeline import Run
+from compress.job.pipeline import Run
 from tests.conftest import CIFAR, RESNET20_CHECKPOINT, needs_shared
 
 pytest.importorskip("onnxruntime")

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress import CompressError, distributed
+from compress import CompressError
+from compress.job import runtime
+from compress.training import distributed
 from compress.config import ScheduleConfig
 from compress.data.base import Split
 
@@ -21,11 +23,21 @@ log = logging.getLogger("compress")
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA when `enabled` (schedule.amp); a no-op elsewhere. Evaluation, training and
-    the attacks all run the model through this one context."""
+    """bfloat16 autocast on CUDA when `enabled` (schedule.amp); a no-op elsewhere. Evaluation and the attacks
+    run the model through this context, so every number reported on the CPU is computed in float32."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def training_autocast(device: torch.device, enabled: bool):
+    """The training steps' context (forward, loss, a distillation teacher's forward): bfloat16 autocast on
+    CUDA, and on a CPU with native bfloat16 (compress.job.runtime.training_dtype), when `enabled`
+    (schedule.amp); float32 otherwise."""
+    dtype = runtime.training_dtype(device, enabled)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -200,13 +212,15 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
         start, best_top1, best_state, best_epoch = (resume["epoch"], resume["best_val_top1"],
                                                     resume["best_state"], resume["best_epoch"])
         log.info("%s: resuming after epoch %d (best val top-1 %.2f at epoch %s)", desc, start, best_top1, best_epoch)
-    amp = sched.amp and device.type == "cuda"
+    amp = runtime.training_dtype(device, sched.amp) is not None
     if distributed.world_size() > sched.batch_size:
         raise CompressError(f"schedule.batch_size: {sched.batch_size} images cannot be split over "
                             f"{distributed.world_size()} data-parallel ranks")
-    # Data-parallel under torchrun: each rank steps on its shard of the global batch (compress/distributed.py).
+    # Data-parallel under torchrun: each rank steps on its shard of the global batch (compress/training/distributed.py).
     step_model = distributed.wrap(model, device)
-    step_model = torch.compile(step_model) if sched.compile and device.type == "cuda" else step_model
+    # torch.compile (inductor) on CUDA and CPU, opt-in: on the CPU it pays back only with a warm cache
+    # (docs/training-speed.md). Evaluation runs `model`, eagerly.
+    step_model = torch.compile(step_model) if sched.compile and device.type in ("cuda", "cpu") else step_model
     smoothing = sched.label_smoothing
     with contextlib.ExitStack() as stack:
         distiller = stack.enter_context(Distiller(teacher, model, sched)) if sched.distilling else None
@@ -220,7 +234,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
             for x, y in bar:
                 x, y = distributed.shard(x, y)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, amp):
+                with training_autocast(device, amp):
                     logits = step_model(x)
                     loss = (distiller.loss(x, y, logits, smoothing) if distiller is not None
                             else F.cross_entropy(logits, y, label_smoothing=smoothing))
@@ -234,7 +248,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
             running, seen = distributed.total([running, seen])
             distributed.share_buffers(model)  # the ranks evaluate, and keep the best epoch, alike
             images_per_s = seen / max(time.perf_counter() - epoch_started, 1e-9)
-            val_top1 = evaluate(model, val, device, eval_batch_size, amp, desc="val")["top1"]
+            val_top1 = evaluate(model, val, device, eval_batch_size, sched.amp, desc="val")["top1"]
             log.info("%s epoch %d/%d: train loss %.4f, val top-1 %.2f (%.0f images/s%s)", desc, epoch + 1, epochs,
                      running / max(seen, 1), val_top1, images_per_s, ", distilling" if distiller is not None else "")
             if val_top1 > best_top1:

@@ -83,7 +83,7 @@ def quantise(float_onnx: bytes, calibration: torch.Tensor, *, reduce_range: bool
     """The int8 (QOperator, uint8 activations, per-channel int8 weights) form of a float ONNX model,
     MinMax-calibrated on `calibration` (normalised images). `exclude`: node names left in float; `overrides`:
     tensor name -> (scale, zero point) of activations whose quantisation is given (a method=quant model's)."""
-    from compress.export import require
+    from compress.deploy.export import require
 
     require("onnx")
     q = require("onnxruntime.quantization")
@@ -164,7 +164,7 @@ def ort_predictions(session, images: torch.Tensor, batch: int = 500) -> torch.Te
 def ort_speedups(sessions: list, input_shape: tuple[int, int, int], repeats: int = 7, threads: int | None = None
                  ) -> dict[int, "object"]:
     """batch -> measure.Interleaved of the sessions (the first is the reference), timed in alternation."""
-    from compress import measure
+    from compress.deploy import measure
 
     timed = {}
     for batch in (1, 64):
@@ -272,7 +272,7 @@ def build(model: torch.nn.Module, input_shape: tuple[int, int, int], calibration
           tolerance: float = INT8_TOLERANCE, time_it: bool = True) -> Int8Result:
     """Quantise `model`'s float export, check its top-1 against the float file's, time both. Raises
     CompressError (nothing is written: the caller writes `blob`) when the int8 top-1 is too low."""
-    from compress import export
+    from compress.deploy import export
 
     flags = cpu_flags()
     if reduce_range is None:

@@ -29,9 +29,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from compress import CompressError, checkpoints, distributed, methods, models, train
+from compress import CompressError, methods, models
+from compress.job import checkpoints
+from compress.training import distributed, train
 from compress.config import DatasetConfig, ScheduleConfig
 from compress.data.base import Data
+from compress.models.introspect import classifier
 
 log = logging.getLogger("compress")
 
@@ -171,7 +174,7 @@ def _num_classes(arch: "str | models.Spec", state_dict: dict) -> int:
     """The classifier's width, read from the saved weights (the last Linear of the architecture): for files
     that do not record `num_classes` (written before it was stored)."""
     probe = models.build(arch, 10)
-    last = [name for name, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
+    last = classifier(probe)[0]
     # `<last>.weight`, or its parametrized original (`<last>.parametrizations.weight.original`: quantised)
     weights = [v for k, v in state_dict.items() if k.startswith(f"{last}.") and k.endswith(("weight", "original"))
                and getattr(v, "dim", lambda: 0)() == 2]
