@@ -211,6 +211,7 @@ def fake_quant_overrides(model: torch.nn.Module, float_onnx: bytes, input_shape:
     Layers and the graph's Conv / Gemm nodes are matched in execution order (the exporter traces the forward
     pass); a count mismatch gives no overrides (ORT's calibration decides) rather than a wrong match."""
     import onnx
+
     from compress.layers.quant import INPUT_QUANT, ActivationFakeQuant
 
     called: list[torch.nn.Module] = []
