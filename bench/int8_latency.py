@@ -55,7 +55,7 @@ def qdq(float_blob: bytes, calibration: torch.Tensor, activation: str) -> bytes:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", type=Path, required=True, help="run dir of the float dense model (method=none)")
-    p.add_argument("--pruned", type=Path, required=True, help="run dir of the pruned model")
+    p.add_argument("--pruned", type=Path, help="run dir of the pruned model (omitted: the dense model only)")
     p.add_argument("--extra", type=Path, nargs="*", default=[], help="more run dirs, each as float and int8")
     p.add_argument("--calibration", type=int, default=int8.CALIBRATION_IMAGES)
     p.add_argument("--test-images", type=int, default=5000)
@@ -73,7 +73,8 @@ def main() -> int:
     images, labels = int8.draw(data.test, args.test_images)
     shape = dense.input_shape
     entries = []  # (name, run dir, blob, macs)
-    for label, path in [("dense", args.dense), ("pruned", args.pruned)] + [(Path(e).name, e) for e in args.extra]:
+    runs = [("dense", args.dense)] + ([("pruned", args.pruned)] if args.pruned else [])
+    for label, path in runs + [(Path(e).name, e) for e in args.extra]:
         saved = dense if path == args.dense else sources.load_saved(path)
         plain = int8.float_model(saved.model)
         blob = export.onnx_bytes(plain, shape)
@@ -83,7 +84,8 @@ def main() -> int:
         if args.formats and label == "dense":
             entries.append(("dense int8 QDQ (int8 act.)", path, qdq(blob, calibration, "int8"), macs))
             entries.append(("dense int8 QDQ (uint8 act.)", path, qdq(blob, calibration, "uint8"), macs))
-    order = [0, 2, 1, 3] + list(range(4, len(entries))) if not args.formats else list(range(len(entries)))
+    order = ([0, 2, 1, 3] + list(range(4, len(entries))) if args.pruned and not args.formats
+             else list(range(len(entries))))
     entries = [entries[i] for i in order]
     sessions = [export.ort_session(blob, args.threads) for _, _, blob, _ in entries]
     top1 = [int8.ort_top1(s, images, labels) for s in sessions]

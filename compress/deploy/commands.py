@@ -70,7 +70,9 @@ def export_int8(saved, args, output: Path) -> None:
     images_from = f"{len(images)} test images of {data.source}"
     done = int8.build(saved.model, saved.input_shape, calibration, images, labels, images_from, threads=args.threads)
     int8.write(done.blob, output)
-    print(f"CPU: {done.cpu}; reduce_range {'on (no VNNI: 7-bit weights, no uint8 x int8 saturation)' if done.reduce_range else 'off (VNNI/AMX int8 dot products)'}")
+    choice = ("on (no VNNI: 7-bit weights, no uint8 x int8 saturation)" if done.reduce_range
+              else "off (VNNI/AMX int8 dot products)")
+    print(f"CPU: {done.cpu}; reduce_range {choice}")
     print(f"{output}: int8 onnx (QOperator, uint8 activations, per-channel int8 weights"
           f"{', reduce_range' if done.reduce_range else ''}), {len(done.blob):,} bytes ({saved.arch}, method "
           f"{saved.method}); calibrated on {done.calibration} training images"

@@ -109,6 +109,26 @@ def quantise(float_onnx: bytes, calibration: torch.Tensor, *, reduce_range: bool
         root.setLevel(level)
 
 
+def _constants_inlined(float_onnx: bytes) -> bytes:
+    """The exporter shares identical constants (e.g. the zero biases of a freshly initialised model) through
+    Identity nodes; ORT's quantiser needs each Conv's bias as an initializer of its own. Copy them in."""
+    import onnx
+
+    model = onnx.load_from_string(float_onnx)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    shared = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    if not shared:
+        return float_onnx
+    for node in shared:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
+    return model.SerializeToString()
+
+
 def _quantise_static(q, float_onnx: bytes, reader, reduce_range: bool, exclude: tuple[str, ...], overrides: dict
                      ) -> bytes:
     import numpy as np
@@ -118,7 +138,7 @@ def _quantise_static(q, float_onnx: bytes, reader, reduce_range: bool, exclude: 
                                       for name, (scale, zero) in overrides.items()}} if overrides else None
     with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(float_onnx)
+        source.write_bytes(_constants_inlined(float_onnx))
         q.quantize_static(str(source), str(target), reader, quant_format=q.QuantFormat.QOperator, per_channel=True,
                           reduce_range=reduce_range, activation_type=q.QuantType.QUInt8,
                           weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
@@ -191,6 +211,7 @@ def fake_quant_overrides(model: torch.nn.Module, float_onnx: bytes, input_shape:
     Layers and the graph's Conv / Gemm nodes are matched in execution order (the exporter traces the forward
     pass); a count mismatch gives no overrides (ORT's calibration decides) rather than a wrong match."""
     import onnx
+
     from compress.layers.quant import INPUT_QUANT, ActivationFakeQuant
 
     called: list[torch.nn.Module] = []
