@@ -20,7 +20,10 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/compress run $(RUN_ARGS)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check compress tests bench scripts
+
+test: install lint
 	$(VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 test-full: install
@@ -29,4 +32,4 @@ test-full: install
 bench: install
 	$(VENV)/bin/python bench/train_throughput.py
 
-.PHONY: install run test test-full bench
+.PHONY: install lint run test test-full bench

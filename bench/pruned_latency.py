@@ -1,6 +1,6 @@
 """CPU latency of a structurally pruned CIFAR model next to the unpruned one, measured in one run.
 
-Both models run in alternating blocks (`compress.measure.interleaved_ms`, the pipeline's own speed-up
+Both models run in alternating blocks (`compress.deploy.measure.interleaved_ms`, the pipeline's own speed-up
 columns) so that load on the machine hits both alike; per runtime (PyTorch eager, ONNX Runtime on the
 exported models) and batch size it prints the median latencies, the paired speed-up next to the MACs
 ratio, and their quotient (1.0 = the latency falls exactly as the MACs do; the target is >= 0.8 with
@@ -24,8 +24,8 @@ import sys
 
 import torch
 
-from compress import export
-from compress.measure import count_macs, count_params, forward_call, interleaved_ms, ort_call
+from compress.deploy import export
+from compress.deploy.measure import count_macs, count_params, forward_call, interleaved_ms, ort_call
 from compress.methods.base import Context
 from compress.methods.structured import L1Options, L1Pruning
 from compress.models import build

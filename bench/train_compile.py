@@ -1,5 +1,5 @@
 """torch.compile (inductor) for CPU training: what it costs to compile and what it gains per step, to decide
-whether a one-epoch fine-tune pays it back. The training step is compress.train.fit's (SGD with momentum,
+whether a one-epoch fine-tune pays it back. The training step is compress.training.train.fit's (SGD with momentum,
 channels_last, schedule.amp's autocast: bf16 where the CPU has it natively), on synthetic CIFAR-sized
 batches; eager and compiled steps alternate in blocks, medians.
 
@@ -25,7 +25,8 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cold-"))
 
-from compress import models, runtime  # first: the package sets OMP_WAIT_POLICY before torch starts OpenMP
+from compress import models
+from compress.job import runtime
 import torch
 import torch.nn.functional as F
 

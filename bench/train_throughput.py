@@ -1,10 +1,10 @@
-"""Fine-tuning throughput: the pipeline's training loop (compress.train.fit: batched on-device
+"""Fine-tuning throughput: the pipeline's training loop (compress.training.train.fit: batched on-device
 augmentation, normalisation, channels_last, LR schedule, progress bar) against a bare loop over the same
 model and batch size on pre-normalised in-memory tensors. Alternating repeats, medians, one run.
 
     python bench/train_throughput.py [--arch resnet20] [--batches 20] [--repeats 3] [--malloc tuned]
 
-`--malloc tuned` (default) applies `compress.runtime.tune_allocator()` as `compress run` does; run once
+`--malloc tuned` (default) applies `compress.job.runtime.tune_allocator()` as `compress run` does; run once
 with `--malloc default` to see what it is worth (both loops gain alike, so the ratio hardly moves).
 
 Target: ratio >= 0.85 for ResNet-20 on a 2-core CPU.
@@ -15,7 +15,7 @@ Expected ratio about 0.75 (a forward is about a third of a training step); targe
 
 `--precision fp32|bf16|both` (with `--layout nchw|channels_last|both`) times the pipeline loop in each
 precision and memory layout instead, interleaved in one run, and prints images/s and the bf16 / fp32 ratio
-(bf16 = schedule.amp's autocast, which compress.runtime.training_dtype grants only on a CPU with native
+(bf16 = schedule.amp's autocast, which compress.job.runtime.training_dtype grants only on a CPU with native
 bfloat16; elsewhere it says so and `bf16` trains in float32, as `compress run` would). Evaluation (the one
 validation batch) is float32 in both. E.g. ResNet-56, one thread, as in docs/training-speed.md:
 
@@ -30,13 +30,14 @@ import statistics
 import sys
 import time
 
-from compress import models, train  # first: the package sets OMP_WAIT_POLICY before torch starts OpenMP
+from compress import models
+from compress.training import train
 import torch
 import torch.nn.functional as F
 
 from compress.config import ScheduleConfig
-from compress import runtime
-from compress.runtime import tune_allocator
+from compress.job import runtime
+from compress.job.runtime import tune_allocator
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
 
@@ -131,7 +132,7 @@ def compare_distillation(args, split, val, sched, base) -> int:
 
 
 def compare_precision(args, tuned: bool) -> int:
-    """The pipeline loop (compress.train.fit) per precision x layout, interleaved; bf16 / fp32 per layout and
+    """The pipeline loop (compress.training.train.fit) per precision x layout, interleaved; bf16 / fp32 per layout and
     against float32 channels_last (the default before schedule.amp reached the CPU)."""
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     layouts = ["nchw", "channels_last"] if args.layout == "both" else [args.layout]

@@ -1,6 +1,6 @@
 """The Python API: compress a model you hold in memory, from a notebook or a script.
 
-It goes through the same pipeline as `compress run` (compress/pipeline.py: baseline row, method, optional
+It goes through the same pipeline as `compress run` (compress/job/pipeline.py: baseline row, method, optional
 fine-tune, final row, `model.pt`), with a config composed from the same typed defaults, so every option,
 check and metrics column is the CLI's::
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
+from compress.models.introspect import evaluating, model_device
 
 # The models handed to `compress` in this process, by key: `arch=module` builds from `given_model`, so the
 # pipeline restores a saved stage (resume, rounds' rollback) through the same builder spec as a user's module.
@@ -67,8 +68,8 @@ class Result:
     _check_images: torch.Tensor = field(repr=False, default=None)
 
     def export(self, path: str | Path, fmt: str = "onnx", tolerance: float | None = None):
-        """Write the compressed model as ONNX or TorchScript and check it against PyTorch (compress.export)."""
-        from compress import export
+        """Write the compressed model as ONNX or TorchScript and check it against PyTorch (compress.deploy.export)."""
+        from compress.deploy import export
 
         images = self._check_images
         source = f"{len(images)} test images"
@@ -77,16 +78,12 @@ class Result:
 
 
 def _output_width(model: nn.Module, image: torch.Tensor) -> int:
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            out = model(image[None].to(next(model.parameters()).device))
+        with evaluating(model), torch.no_grad():
+            out = model(image[None].to(model_device(model)))
     except Exception as e:
         raise CompressError(f"model: a forward pass on one image of shape {tuple(image.shape)} failed "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise CompressError("model: must return (batch, classes) logits")
     return int(out.shape[1])
@@ -122,14 +119,14 @@ def compress(model: nn.Module, method: str = "none", *, data: Datasets | dict, s
     approxconv, quant, ...), optionally fine-tune it (`schedule={"epochs": N, ...}`; default: none), and
     return it with the run's metrics rows. The run's files (metrics.csv, state for `resume=True`, model.pt)
     go to `run_dir` (default: outputs/api/<date>/<time>_<method>). `model` itself is left untouched."""
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     if not isinstance(model, nn.Module):
         raise CompressError(f"model: an nn.Module is needed, got {type(model).__name__}")
     if not isinstance(data, (Datasets, dict)):
         raise CompressError("data: give compress.api.Datasets(train=..., test=...) or a dataset config dict "
                             f"such as {{'name': 'imagefolder', 'root': DIR}}, got {type(data).__name__}")
-    from compress import checkpoints
+    from compress.job import checkpoints
 
     # Keyed by content, so that the same model handed again (resume=True) composes the same config.
     key = f"{type(model).__name__}-{checkpoints.digest(model)[:12]}"
@@ -194,7 +191,7 @@ def _compose(overrides: list[str]):
 def _result(run, folder: Path) -> Result:
     import pandas as pd
 
-    from compress import checkpoints, sources
+    from compress.job import checkpoints, sources
 
     data = run.data if hasattr(run, "data") else run._load_data()  # a finished run (resume) loads none itself
     packed = checkpoints.read(folder / "model.pt")

@@ -1,8 +1,10 @@
 """Value checks for typed configs: one-line `CompressError("<key>: must be <expected>, got <value>")`.
 
 Hydra checks each value's type while composing; these check ranges and choices in the configs'
-`__post_init__` (compress/config.py, and every method's options through `MethodOptions.check`). The
-offending value is shown shortened, so a hostile one still makes one short line.
+`__post_init__`: compress/config.py calls them with the key's full name, every method's options through
+`MethodOptions`' `count` / `number` / `choice` / `flag` / `check` (compress/methods/base.py), which add
+the `method.` prefix. This is the one way an option is checked. The offending value is shown shortened,
+so a hostile one still makes one short line.
 """
 from __future__ import annotations
 
@@ -33,3 +35,30 @@ def require(ok: bool, key: str, expected: str, value: Any) -> None:
 
 def require_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     require(isinstance(value, str) and value in choices, key, f"one of {', '.join(choices)}", value)
+
+
+# Anything a user string may make us build is bounded; these bounds are far beyond any real run.
+MAX_COUNT = 10_000_000          # images, epochs x batches, repeats ...
+
+
+def fail(key: str, message: str) -> None:
+    """Raise `CompressError("<key>: <message>")`: for a refusal that is not a range or a choice."""
+    raise CompressError(f"{key}: {message}")
+
+
+def int_in(key: str, value: Any, low: int, high: int = MAX_COUNT, allow_none: bool = False) -> None:
+    """`value` is an integer in [low, high] (or None, with `allow_none`)."""
+    require((value is None and allow_none) or is_count(value, low, high), key,
+            f"{'null or ' if allow_none else ''}an integer in [{low}, {high}]", value)
+
+
+def number_in(key: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+              allow_none: bool = False) -> None:
+    """`value` is a finite number in the interval (closed unless `low_open` / `high_open`), or None."""
+    ok = is_number(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    require((value is None and allow_none) or ok, key, f"{'null or ' if allow_none else ''}a number in {span}", value)
+
+
+def flag(key: str, value: Any) -> None:
+    require(isinstance(value, bool), key, "true or false", value)

@@ -18,7 +18,8 @@ USAGE = """usage: compress run [-m] [key=value ...]     compress a model (Hydra 
        compress report DIR [DIR ...] --summary [-o FILE.csv|.md]  one line per run
        compress compare DIR [DIR ...] [-o FILE.csv|.md] [--published FILE]  our runs beside the papers' rows
        compress plot DIR [DIR ...] [-o FILE.png] [--published FILE]  top-1 vs params and MACs, Pareto front
-       compress export RUN_DIR|model.pt [--format onnx|torchscript] [-o FILE]  a deployable file, checked"""
+       compress export RUN_DIR|model.pt [--format onnx|torchscript] [-o FILE]  a deployable file, checked
+       compress export RUN_DIR|model.pt --format onnx --int8 [--calibration N]  an int8 ONNX file (docs/int8.md)"""
 
 
 MAX_MESSAGE = 300  # characters: a hostile value must not turn the one line into a page
@@ -60,19 +61,6 @@ def _hydra_message(e: BaseException) -> str:
         return f"{lines[0]} {lines[1]}"
     return (f"{full_key}: " if full_key and lines and not lines[0].startswith(full_key) else "") + (
         lines[0][:300] if lines else type(e).__name__)
-
-
-def _smoke_to_debug(argv: list[str]) -> list[str]:
-    """`smoke=true` is the old spelling of the `debug=smoke` preset (configs/debug/smoke.yaml)."""
-    out = []
-    for a in argv:
-        key, _, value = a.partition("=")
-        if key.lstrip("+") == "smoke" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            if value.lower() in ("true", "1", "yes"):
-                out.append("debug=smoke")
-            continue
-        out.append(a)
-    return out
 
 
 GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug", "hparams_search")
@@ -183,19 +171,19 @@ def _search_values(line: str) -> list[str]:
 
 
 def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
-    """`hparams_search=<name>` (configs/hparams_search/, compress/search.py): the objective's settings and
+    """`hparams_search=<name>` (configs/hparams_search/, compress/job/search.py): the objective's settings and
     the searched parameters' ends, checked before the first trial starts."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     from compress.config import to_config
-    from compress.search import KEY, SearchObjective
+    from compress.job.search import KEY, SearchObjective
 
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
             full = compose(config_name="config", overrides=plain + hydra_overrides, return_hydra_config=True)
             settings = OmegaConf.select(full, KEY)
-            if settings is not None and settings.get("_target_") == "compress.search.SearchObjective":
+            if settings is not None and settings.get("_target_") == "compress.job.search.SearchObjective":
                 options = {k: v for k, v in OmegaConf.to_container(settings, resolve=True).items() if k != "_target_"}
                 try:
                     SearchObjective(**options)
@@ -228,9 +216,9 @@ def _is_out_of_memory(e: BaseException) -> bool:
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from compress import distributed
+    from compress.training import distributed
     from compress.config import to_config
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if os.environ.get("RANK", "0") != "0":
@@ -263,9 +251,9 @@ def _task(cfg) -> None:
 
 
 def _data_parallel_argv(argv: list[str]) -> list[str]:
-    """Under torchrun (compress/distributed.py): one run, in one run dir that every rank names, whose
+    """Under torchrun (compress/training/distributed.py): one run, in one run dir that every rank names, whose
     .hydra/ and log rank 0 alone writes."""
-    from compress import distributed
+    from compress.training import distributed
 
     try:
         if not distributed.launched():
@@ -286,12 +274,10 @@ def run(argv: list[str]) -> None:
     import hydra
 
     from compress.config import register_configs
-    from compress.runtime import tune_allocator
+    from compress.job.runtime import tune_allocator
 
-    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/runtime.py)
+    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/job/runtime.py)
     register_configs()
-    argv = _smoke_to_debug(argv)
-
     argv = _data_parallel_argv(argv)
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
         _precheck([a for a in argv if not a.startswith("-")], multirun=any(a in ("-m", "--multirun") for a in argv))
@@ -303,7 +289,7 @@ def run(argv: list[str]) -> None:
 
 
 def report(argv: list[str]) -> None:
-    from compress.results import gather
+    from compress.report.results import gather
 
     p = _parser("compress report", "Gather every metrics.csv below DIRs (one line per stage).")
     p.epilog = ("--summary [--mean-over KEYS]: one line per run instead (mean and spread over the runs that "
@@ -333,8 +319,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _runs_below(dirs: list[Path]):
-    """Every metrics.csv below `dirs` (compress.results.gather); a missing DIR or none found is one line."""
-    from compress.results import gather
+    """Every metrics.csv below `dirs` (compress.report.results.gather); a missing DIR or none found is one line."""
+    from compress.report.results import gather
 
     for d in dirs:
         if not d.exists():
@@ -350,7 +336,7 @@ def _runs_below(dirs: list[Path]):
 
 def report_summary(argv: list[str]) -> None:
     """`compress report DIR... --summary`: one line per run instead of one per stage."""
-    from compress import compare
+    from compress.report import compare
 
     p = _parser("compress report --summary", "One line per run: baseline -> final top-1, reductions, wall time.")
     p.add_argument("dirs", nargs="+", type=Path)
@@ -385,7 +371,7 @@ def report_summary(argv: list[str]) -> None:
 
 def compare_runs(argv: list[str]) -> None:
     """`compress compare DIR...`: one line per run beside its linked published row."""
-    from compress import compare
+    from compress.report import compare
 
     p = _parser("compress compare", "Our runs beside the published rows they reproduce (one line per run).")
     p.add_argument("dirs", nargs="+", type=Path)
@@ -409,8 +395,8 @@ def compare_runs(argv: list[str]) -> None:
 
 def plot_runs(argv: list[str]) -> None:
     """`compress plot DIR... -o FILE.png`: top-1 vs parameters and vs MACs, one row of panels per arch."""
-    from compress import compare
-    from compress import plot
+    from compress.report import compare
+    from compress.report import plot
 
     p = _parser("compress plot", "Top-1 against parameters and MACs: our runs, the papers' rows, the Pareto front.")
     p.add_argument("dirs", nargs="+", type=Path)
@@ -439,7 +425,8 @@ def plot_runs(argv: list[str]) -> None:
 
 def export_model(argv: list[str]) -> None:
     """`compress export PATH`: the run's model as an ONNX or TorchScript file, checked against PyTorch."""
-    from compress import export, sources
+    from compress.deploy import export, int8
+    from compress.job import sources
 
     p = _parser("compress export", "Write a run's compressed model as a deployable file and check its outputs.")
     p.add_argument("path", type=Path, help="a run dir (its model.pt) or a model.pt file")
@@ -447,18 +434,66 @@ def export_model(argv: list[str]) -> None:
     p.add_argument("-o", "--output", type=Path, help="file to write (default: model.onnx / model.torchscript.pt beside model.pt)")
     p.add_argument("--images", type=int, default=64, help="images the check runs on (default 64)")
     p.add_argument("--tolerance", type=float, default=export.TOLERANCE, help="largest max-abs logit difference (default 1e-4)")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 quantisation with ONNX Runtime (onnx only), checked on real test images")
+    p.add_argument("--calibration", type=int, default=int8.CALIBRATION_IMAGES,
+                   help=f"--int8: training images that calibrate the activation ranges (default {int8.CALIBRATION_IMAGES})")
+    p.add_argument("--test-images", type=int, default=int8.CHECK_IMAGES,
+                   help=f"--int8: test images of the top-1 check (default {int8.CHECK_IMAGES}, a fixed draw)")
+    p.add_argument("--threads", type=int, default=1, help="--int8: ONNX Runtime threads of the timing (default 1)")
     args = p.parse_args(argv)
     if not 1 <= args.images <= 10_000:
         _fail(f"--images: {args.images} is not in [1, 10000]")
     if not 0 <= args.tolerance < float("inf"):
         _fail(f"--tolerance: {args.tolerance} is not a number >= 0")
+    if args.int8:
+        if args.format != "onnx":
+            _fail(f"--int8: an int8 file is ONNX only (--format onnx), not {args.format}")
+        if not 1 <= args.calibration <= 100_000:
+            _fail(f"--calibration: {args.calibration} is not in [1, 100000]")
+        if not 1 <= args.test_images <= 1_000_000:
+            _fail(f"--test-images: {args.test_images} is not in [1, 1000000]")
+        if not 1 <= args.threads <= 128:
+            _fail(f"--threads: {args.threads} is not in [1, 128]")
     saved = sources.load_saved(args.path)
     folder = args.path if args.path.is_dir() else args.path.parent
+    if args.int8:
+        export_int8(saved, args, args.output or folder / "model.int8.onnx")
+        return
     output = args.output or folder / ("model.onnx" if args.format == "onnx" else "model.torchscript.pt")
     images, images_from = sources.check_images(saved, args.images)
     done = export.export(saved.model, args.format, output, saved.input_shape, images, images_from, args.tolerance)
     print(f"{done.path}: {done.fmt}, {done.size_bytes:,} bytes ({saved.arch}, method {saved.method}); "
           f"checked on {done.images_from}: {done.criterion}")
+
+
+def export_int8(saved, args, output: Path) -> None:
+    """`compress export --int8`: quantise, check top-1 against the float file, time both, then write."""
+    import torch
+
+    from compress.deploy import int8
+    from compress.job import sources
+
+    data = sources.run_data(saved)
+    if data is None:
+        _fail(f"--int8: {args.path}: the run's data set cannot be found here (calibration and the top-1 check "
+              "need real images)")
+    torch.set_num_threads(args.threads)
+    calibration, _ = int8.draw(data.train, args.calibration)
+    images, labels = int8.draw(data.test, args.test_images)
+    images_from = f"{len(images)} test images of {data.source}"
+    done = int8.build(saved.model, saved.input_shape, calibration, images, labels, images_from, threads=args.threads)
+    int8.write(done.blob, output)
+    print(f"CPU: {done.cpu}; reduce_range {'on (no VNNI: 7-bit weights, no uint8 x int8 saturation)' if done.reduce_range else 'off (VNNI/AMX int8 dot products)'}")
+    print(f"{output}: int8 onnx (QOperator, uint8 activations, per-channel int8 weights"
+          f"{', reduce_range' if done.reduce_range else ''}), {len(done.blob):,} bytes ({saved.arch}, method "
+          f"{saved.method}); calibrated on {done.calibration} training images"
+          + (f", {done.fake_quant_scales} activation scales from the model's fake quantisers" if done.fake_quant_scales else ""))
+    print(f"top-1 on {images_from}: int8 {done.int8_top1:.2f}, float {done.float_top1:.2f} "
+          f"(tolerance {int8.INT8_TOLERANCE:g} point)")
+    print(f"ONNX Runtime speed-up over the float export, {args.threads} thread(s), timed interleaved on "
+          f"{done.cpu}: batch 1 {done.speedup[1]:.2f}x ({done.float_ms[1]:.3f} -> {done.int8_ms[1]:.3f} ms), "
+          f"batch 64 {done.speedup[64]:.2f}x ({done.float_ms[64]:.2f} -> {done.int8_ms[64]:.2f} ms)")
 
 
 def main() -> None:

@@ -20,28 +20,10 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from compress import CompressError
-from compress.checks import is_count, is_number, require, require_choice
+from compress.checks import MAX_COUNT, fail, int_in, is_count, is_number, number_in, require, require_choice
 
-# Anything a user string may make us build is bounded; these bounds are far beyond any real run.
-MAX_COUNT = 10_000_000          # images, epochs x batches, repeats ...
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 128  # more OpenMP threads than this only costs memory (thread stacks) on any machine we know
-
-
-def _fail(key: str, message: str) -> None:
-    raise CompressError(f"{key}: {message}")
-
-
-def _int_in(key: str, value: Any, low: int, high: int = MAX_COUNT, allow_none: bool = False) -> None:
-    require((value is None and allow_none) or is_count(value, low, high), key,
-            f"{'null or ' if allow_none else ''}an integer in [{low}, {high}]", value)
-
-
-def _number_in(key: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
-               allow_none: bool = False) -> None:
-    ok = is_number(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    require((value is None and allow_none) or ok, key, f"{'null or ' if allow_none else ''}a number in {span}", value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,14 +65,14 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         require_choice(self.name, "dataset.name", DATASETS)
         require_choice(self.val_from, "dataset.val_from", VAL_SOURCES)
-        _int_in("dataset.num_classes", self.num_classes, 2, 100_000, allow_none=True)
-        _int_in("dataset.image_size", self.image_size, 8, 1024)
+        int_in("dataset.num_classes", self.num_classes, 2, 100_000, allow_none=True)
+        int_in("dataset.image_size", self.image_size, 8, 1024)
         require(self.val_size is None or is_count(self.val_size, 1, MAX_COUNT), "dataset.val_size",
                 f"an integer in [1, {MAX_COUNT}] or null (a tenth of the training images)", self.val_size)
-        _int_in("dataset.train_size", self.train_size, 1, allow_none=True)
-        _int_in("dataset.test_size", self.test_size, 1, allow_none=True)
-        _int_in("dataset.split_seed", self.split_seed, 0, MAX_SEED)
-        _int_in("dataset.cache_max_mb", self.cache_max_mb, 0, MAX_CACHE_MB)
+        int_in("dataset.train_size", self.train_size, 1, allow_none=True)
+        int_in("dataset.test_size", self.test_size, 1, allow_none=True)
+        int_in("dataset.split_seed", self.split_seed, 0, MAX_SEED)
+        int_in("dataset.cache_max_mb", self.cache_max_mb, 0, MAX_CACHE_MB)
         require_choice(self.bad_files, "dataset.bad_files", BAD_FILES)
 
 
@@ -149,13 +131,13 @@ class ArchConfig:
             if values is None:
                 continue
             if len(values) != 3 or not all(is_number(v) for v in values):
-                _fail(f"arch.{key}", f"must be three finite numbers (R, G, B), got {values!r}")
+                fail(f"arch.{key}", f"must be three finite numbers (R, G, B), got {values!r}")
         if self.std is not None and not all(s > 0 for s in self.std):
-            _fail("arch.std", f"must be positive, got {self.std!r}")
+            fail("arch.std", f"must be positive, got {self.std!r}")
         if self.checkpoint is not None and not self.checkpoint.strip():
-            _fail("arch.checkpoint", "is empty (give a path, a URL, torchvision, random or null)")
+            fail("arch.checkpoint", "is empty (give a path, a URL, torchvision, random or null)")
         if self.source != "compress" and self.checkpoint is not None and self.checkpoint.strip().lower() in HUB_CHECKPOINTS:
-            _fail("arch.checkpoint", f"'{self.checkpoint}': hub weights cannot be downloaded here; where you have a "
+            fail("arch.checkpoint", f"'{self.checkpoint}': hub weights cannot be downloaded here; where you have a "
                   "network, save them (torch.save(model.state_dict(), 'w.pth')) and pass arch.checkpoint=/path/to/w.pth")
 
     def _check_builder(self) -> None:
@@ -163,14 +145,14 @@ class ArchConfig:
 
         if self.source == "module":
             if self.target is None or self.target == MISSING:
-                _fail("arch.target", "is missing: arch=module builds your model from arch.target=package.module:callable")
+                fail("arch.target", "is missing: arch=module builds your model from arch.target=package.module:callable")
             if not models.is_target(self.target):
-                _fail("arch.target", f"expected 'package.module:callable' (Python names), got {str(self.target)[:100]!r}")
+                fail("arch.target", f"expected 'package.module:callable' (Python names), got {str(self.target)[:100]!r}")
         elif self.target is not None:
-            _fail("arch.target", f"is for arch=module only (arch.source is {self.source}); remove it, or use arch=module")
+            fail("arch.target", f"is for arch=module only (arch.source is {self.source}); remove it, or use arch=module")
         if self.source == "compress":
             if self.name not in models.names():
-                _fail("arch.name", f"unknown architecture '{str(self.name)[:100]}' (known: {', '.join(models.names())}; "
+                fail("arch.name", f"unknown architecture '{str(self.name)[:100]}' (known: {', '.join(models.names())}; "
                       "any other model: arch=torchvision, arch=timm or arch=module, docs/own-model.md)")
         elif self.source == "torchvision":
             if self.name not in models.torchvision_names():
@@ -185,17 +167,17 @@ class ArchConfig:
         require(len(self.kwargs) <= MAX_KWARGS, "arch.kwargs", f"at most {MAX_KWARGS} builder arguments", len(self.kwargs))
         for key in self.kwargs:
             if not (isinstance(key, str) and key.isidentifier()):
-                _fail("arch.kwargs", f"keys must be argument names, got {str(key)[:100]!r}")
+                fail("arch.kwargs", f"keys must be argument names, got {str(key)[:100]!r}")
         if "num_classes" in self.kwargs:
-            _fail("arch.kwargs", "num_classes comes from the data set (dataset.num_classes); remove it from arch.kwargs")
+            fail("arch.kwargs", "num_classes comes from the data set (dataset.num_classes); remove it from arch.kwargs")
         hub = [k for k in models.HUB_KWARGS if k in self.kwargs and self.kwargs[k] not in (None, False)]
         if hub:
-            _fail("arch.kwargs", f"{hub[0]}: hub weights cannot be downloaded here; pass a local file as "
+            fail("arch.kwargs", f"{hub[0]}: hub weights cannot be downloaded here; pass a local file as "
                   "arch.checkpoint=/path/to/weights.pth instead (docs/own-model.md)")
 
 
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
-ATTACKS = ("fgsm", "pgd")  # measure.attacks (compress/attacks.py)
+ATTACKS = ("fgsm", "pgd")  # measure.attacks (compress/deploy/attacks.py)
 
 
 @dataclass
@@ -242,34 +224,34 @@ class ScheduleConfig:
 
     def check(self, group: str) -> None:
         k = lambda name: f"{group}.{name}"  # noqa: E731
-        _int_in(k("epochs"), self.epochs, 0, 100_000)
-        _number_in(k("lr"), self.lr, 0, 1e3, low_open=True)
-        _number_in(k("momentum"), self.momentum, 0, 1, high_open=True)
-        _number_in(k("weight_decay"), self.weight_decay, 0, 1)
-        _int_in(k("batch_size"), self.batch_size, 1, 65_536)
+        int_in(k("epochs"), self.epochs, 0, 100_000)
+        number_in(k("lr"), self.lr, 0, 1e3, low_open=True)
+        number_in(k("momentum"), self.momentum, 0, 1, high_open=True)
+        number_in(k("weight_decay"), self.weight_decay, 0, 1)
+        int_in(k("batch_size"), self.batch_size, 1, 65_536)
         require_choice(self.scheduler, k("scheduler"), SCHEDULERS)
         for m in self.milestones:
-            _int_in(k("milestones"), m, 0, 100_000)
-        _number_in(k("gamma"), self.gamma, 0, 1, low_open=True)
-        _int_in(k("warmup_epochs"), self.warmup_epochs, 0, 100_000)
-        _number_in(k("label_smoothing"), self.label_smoothing, 0, 1, high_open=True)
-        _int_in(k("max_batches"), self.max_batches, 1, allow_none=True)
-        _number_in(k("distill"), self.distill, 0, 1)
-        _number_in(k("temperature"), self.temperature, 0, 1000, low_open=True)
+            int_in(k("milestones"), m, 0, 100_000)
+        number_in(k("gamma"), self.gamma, 0, 1, low_open=True)
+        int_in(k("warmup_epochs"), self.warmup_epochs, 0, 100_000)
+        number_in(k("label_smoothing"), self.label_smoothing, 0, 1, high_open=True)
+        int_in(k("max_batches"), self.max_batches, 1, allow_none=True)
+        number_in(k("distill"), self.distill, 0, 1)
+        number_in(k("temperature"), self.temperature, 0, 1000, low_open=True)
         require(len(self.distill_features) <= 1000, k("distill_features"), "at most 1000 module names",
                 f"{len(self.distill_features)} of them")
         for name in self.distill_features:
             require(isinstance(name, str) and 0 < len(name) <= 1000 and name.isprintable(), k("distill_features"),
                     "module names (as in model.named_modules())", name)
-        _number_in(k("feature_weight"), self.feature_weight, 0, 1e6)
-        _int_in(k("rounds"), self.rounds, 0, 10_000)
-        _int_in(k("round_epochs"), self.round_epochs, 0, 100_000)
-        _int_in(k("prepare_epochs"), self.prepare_epochs, 0, 100_000)
-        _number_in(k("min_top1"), self.min_top1, 0, 100, allow_none=True)
-        _number_in(k("max_drop"), self.max_drop, 0, 100, allow_none=True)
+        number_in(k("feature_weight"), self.feature_weight, 0, 1e6)
+        int_in(k("rounds"), self.rounds, 0, 10_000)
+        int_in(k("round_epochs"), self.round_epochs, 0, 100_000)
+        int_in(k("prepare_epochs"), self.prepare_epochs, 0, 100_000)
+        number_in(k("min_top1"), self.min_top1, 0, 100, allow_none=True)
+        number_in(k("max_drop"), self.max_drop, 0, 100, allow_none=True)
         require_choice(self.on_rollback, k("on_rollback"), ("stop", "shrink"))
-        _number_in(k("shrink_factor"), self.shrink_factor, 0, 1, low_open=True, high_open=True)
-        _int_in(k("max_rollbacks"), self.max_rollbacks, 0, 10_000)
+        number_in(k("shrink_factor"), self.shrink_factor, 0, 1, low_open=True, high_open=True)
+        int_in(k("max_rollbacks"), self.max_rollbacks, 0, 10_000)
 
 
 @dataclass
@@ -280,7 +262,7 @@ class MeasureConfig:
     # (ort_latency_ms_b1, ort_speedup_b1); needs the onnx and onnxruntime packages (installed by `make install`).
     ort_latency: bool = True
     eval_batch_size: int = 500     # also the attacks' batch size (they back-propagate: more memory per image)
-    # Adversarial robustness of the final model (compress/attacks.py): one final-row column per (attack,
+    # Adversarial robustness of the final model (compress/deploy/attacks.py): one final-row column per (attack,
     # epsilon), robust_top1_<attack>_eps<eps>. Epsilons are L-inf radii on the [0, 1] pixel scale, before
     # normalisation; the default list is CFDP's Table 8 (which prints no PGD steps or step size).
     attacks: List[str] = field(default_factory=list)   # fgsm | pgd; empty: no attack
@@ -289,35 +271,49 @@ class MeasureConfig:
     pgd_step_size: Optional[float] = None   # null: 2.5 * eps / pgd_steps
     pgd_random_start: bool = True  # start from a uniform point of the eps-ball (seeded by `seed`)
     attack_images: Optional[int] = None     # attack the first N test images; null: all (costly on a CPU)
+    # The final model as a static int8 ONNX file (compress/deploy/int8.py, as `compress export --int8` makes it) on the
+    # final row: int8_top1 (and the float export's int8_float_top1 on the same test images), int8_speedup_b1 /
+    # _b64 over the float export in ONNX Runtime (timed interleaved, `threads`), int8_cpu. Needs onnxruntime.
+    int8: bool = False
+    int8_calibration: int = 512     # training images that calibrate the activation ranges (a fixed draw)
+    int8_test_images: int = 2000    # test images of int8_top1 (a fixed draw; fewer when the test set is smaller)
 
     def __post_init__(self) -> None:
-        _int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
+        int_in("measure.latency_repeats", self.latency_repeats, 1, 10_000)
         if self.latency and self.ort_latency:
             import importlib.util
 
             missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
             if missing:
-                _fail("measure.ort_latency", f"needs {' and '.join(missing)}, not installed: `make install`, "
+                fail("measure.ort_latency", f"needs {' and '.join(missing)}, not installed: `make install`, "
                       "or measure.ort_latency=false")
-        _int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
+        int_in("measure.eval_batch_size", self.eval_batch_size, 1, 65_536)
+        int_in("measure.int8_calibration", self.int8_calibration, 1, 100_000)
+        int_in("measure.int8_test_images", self.int8_test_images, 1, MAX_COUNT)
+        if self.int8:
+            import importlib.util
+
+            missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                fail("measure.int8", f"needs {' and '.join(missing)}, not installed: `make install`, or measure.int8=false")
         for attack in self.attacks:
             require_choice(attack, "measure.attacks", ATTACKS)
         twice = [a for i, a in enumerate(self.attacks) if a in self.attacks[:i]]
         if twice:
-            _fail("measure.attacks", f"lists {twice[0]} twice")
+            fail("measure.attacks", f"lists {twice[0]} twice")
         require(len(self.epsilons) <= 100, "measure.epsilons", "a list of at most 100 numbers",
                 f"{len(self.epsilons)} of them")
         for eps in self.epsilons:
-            _number_in("measure.epsilons", eps, 0, 1)
-        # equal values give equal column names (compress.attacks.column writes the float's repr)
+            number_in("measure.epsilons", eps, 0, 1)
+        # equal values give equal column names (compress.deploy.attacks.column writes the float's repr)
         twice = [eps for i, eps in enumerate(self.epsilons) if float(eps) + 0.0 in [float(e) + 0.0 for e in self.epsilons[:i]]]
         if twice:
-            _fail("measure.epsilons", f"lists {twice[0]!r} twice")
+            fail("measure.epsilons", f"lists {twice[0]!r} twice")
         if self.attacks and not self.epsilons:
-            _fail("measure.epsilons", "is empty; list at least one epsilon for measure.attacks")
-        _int_in("measure.pgd_steps", self.pgd_steps, 1, 1000)
-        _number_in("measure.pgd_step_size", self.pgd_step_size, 0, 1, low_open=True, allow_none=True)
-        _int_in("measure.attack_images", self.attack_images, 1, allow_none=True)
+            fail("measure.epsilons", "is empty; list at least one epsilon for measure.attacks")
+        int_in("measure.pgd_steps", self.pgd_steps, 1, 1000)
+        number_in("measure.pgd_step_size", self.pgd_step_size, 0, 1, low_open=True, allow_none=True)
+        int_in("measure.attack_images", self.attack_images, 1, allow_none=True)
 
 
 @dataclass
@@ -332,7 +328,7 @@ class PathsConfig:
 @dataclass
 class LimitsConfig:
     """Caps for quick runs, applied to `schedule` and `pretrain` and to calibration (null: no cap).
-    The `debug=smoke` preset (what `smoke=true` selects) sets them."""
+    The `debug=smoke` preset sets them."""
 
     epochs: Optional[int] = None       # caps epochs, prepare_epochs and round_epochs
     rounds: Optional[int] = None
@@ -343,7 +339,7 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         for key in ("epochs", "rounds", "batches", "batch_size", "calibration_batches"):
-            _int_in(f"limits.{key}", getattr(self, key), 0 if key in ("epochs", "rounds") else 1, allow_none=True)
+            int_in(f"limits.{key}", getattr(self, key), 0 if key in ("epochs", "rounds") else 1, allow_none=True)
 
     def cap(self, value: int, limit: Optional[int]) -> int:
         return value if limit is None else min(value, limit)
@@ -371,31 +367,30 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     resume: bool = False           # continue the run in hydra.run.dir from its last finished epoch / stage
-    smoke: bool = False            # set by debug=smoke (what smoke=true selects): synthetic data, random weights, caps
     threads: Optional[int] = None  # torch intra-op threads (null: torch's default)
     run_id: str = "${now:%Y%m%d-%H%M%S}"
-    # The published row this run reproduces: an id of configs/tables/published.csv (compress.papers); experiment
+    # The published row this run reproduces: an id of configs/tables/published.csv (compress.report.papers); experiment
     # configs set it, metrics.csv carries it (column paper_row), `compress compare` puts the paper's numbers beside.
     paper_row: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _int_in("seed", self.seed, 0, MAX_SEED)
+        int_in("seed", self.seed, 0, MAX_SEED)
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))
-        _int_in("threads", self.threads, 1, MAX_THREADS, allow_none=True)
+        int_in("threads", self.threads, 1, MAX_THREADS, allow_none=True)
         if self.paper_row is not None:
-            from compress import papers
+            from compress.report import papers
 
             papers.check(self.paper_row, "paper_row")
             if dataclasses.is_dataclass(self.arch) and self.arch.source != "compress":
-                _fail("paper_row", f"{self.paper_row} is a published row of the papers' {papers.row(self.paper_row)['arch']}, "
+                fail("paper_row", f"{self.paper_row} is a published row of the papers' {papers.row(self.paper_row)['arch']}, "
                       f"not of arch.source={self.arch.source} models; remove paper_row")
         if not self.paths.cache.strip():
-            _fail("paths.cache", "is empty")
+            fail("paths.cache", "is empty")
         if dataclasses.is_dataclass(self.schedule):
             self.schedule.check("schedule")
             self.pretrain.check("pretrain")
             if self.pretrain.distilling:
-                _fail("pretrain.distill" if self.pretrain.distill else "pretrain.distill_features",
+                fail("pretrain.distill" if self.pretrain.distill else "pretrain.distill_features",
                       "pretraining from scratch has no teacher; distil in `schedule` (the fine-tunes)")
             self.schedule = self.limits.schedule(self.schedule)
             self.pretrain = self.limits.schedule(self.pretrain)
@@ -414,7 +409,7 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from compress.experiments import register_experiments
+    from compress.job.experiments import register_experiments
     from compress.methods import METHODS
 
     cs = ConfigStore.instance()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from compress import sources
+from compress.job import sources
 from compress.data.cifar import load_cifar10
 from compress.layers import fgf
 

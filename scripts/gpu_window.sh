@@ -106,7 +106,7 @@ run_rows() {
   mkdir -p "$out" "$runs"
   local common=(measure.latency=false threads=null)
   if [[ -n "${GPU_WINDOW_SMOKE:-}" ]]; then
-    common+=(smoke=true device=cpu "paths.cache=$W/cache")
+    common+=(debug=smoke device=cpu "paths.cache=$W/cache")
     compress=("$PY" -m compress)
   else
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl

@@ -123,7 +123,7 @@ from pathlib import Path
 out = sys.stdout
 sys.stdout = io.StringIO()
 import compress.cli as cli
-import compress.pipeline as pipeline
+import compress.job.pipeline as pipeline
 from hydra.core.global_hydra import GlobalHydra
 
 pipeline.Run.execute = lambda self: self.run_dir
@@ -213,3 +213,22 @@ def quick_args(tmp_path: Path) -> list[str]:
     """A fast run on the synthetic data set: random weights (pretraining 0 epochs, cached in tmp)."""
     return ["dataset=synthetic", "arch=resnet20", "method=none", "arch.checkpoint=null", "pretrain.epochs=0", f"paths.cache={tmp_path / 'cache'}",
             "measure.latency=false", "schedule.batch_size=64", "threads=1"]
+
+
+# ---- helpers shared by the test modules ------------------------------------------------------------------
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """A run's metrics.csv as dicts of strings, in file order."""
+    import csv
+
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def noise_calibration(shape: tuple[int, ...] = (3, 32, 32), per_request: bool = False):
+    """A `Context.calibration` of Gaussian-noise image batches, the same on every call: seeded with 0, or
+    (`per_request`) with the batch count and size asked for, so two requests of one size agree."""
+    def calibration(batches: int, batch_size: int, augment: bool = False):
+        g = torch.Generator().manual_seed(batches * 1000 + batch_size if per_request else 0)
+        return iter([torch.randn(batch_size, *shape, generator=g) for _ in range(batches)])
+
+    return calibration

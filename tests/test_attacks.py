@@ -1,4 +1,4 @@
-"""Adversarial robustness (compress/attacks.py): FGSM and PGD on the [0, 1] pixel scale, robust top-1, the
+"""Adversarial robustness (compress/deploy/attacks.py): FGSM and PGD on the [0, 1] pixel scale, robust top-1, the
 `measure.*` keys, the robust columns in metrics.csv, and one end-to-end smoke run."""
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import CompressError, attacks, results, train
+from compress import CompressError
+from compress.deploy import attacks
+from compress.report import results
+from compress.training import train
 from compress.config import compose
 from compress.data.base import TensorSplit
 from compress.data.synthetic import make_synthetic
@@ -210,7 +213,7 @@ def test_robust_columns_are_added_after_the_fixed_columns_and_gathered(tmp_path)
 # -- end to end ----------------------------------------------------------------------------------------------------
 def test_smoke_run_writes_robust_columns_on_the_final_row(tmp_path):
     run_dir = tmp_path / "run"
-    compress_cli("run", "smoke=true", "arch=resnet20", "method=none", "threads=1", "measure.latency=false",
+    compress_cli("run", "debug=smoke", "arch=resnet20", "method=none", "threads=1", "measure.latency=false",
                  f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", "measure.attacks=[fgsm,pgd]",
                  "measure.epsilons=[0,0.03]", "measure.pgd_steps=2", check=True)
     with (run_dir / "metrics.csv").open() as f:

@@ -78,7 +78,7 @@ def test_each_round_removes_pr_of_each_layers_remaining_weights():
 def test_target_params_ends_the_rounds_at_the_target_and_resumes():
     """method.target_params: full rounds of pr while far from the target, a last round that takes only what
     is left, then None; the baseline count travels in state_dict (resume, rollback)."""
-    from compress.measure import count_nonzero
+    from compress.deploy.measure import count_nonzero
 
     torch.manual_seed(0)
     model, method = Tiny(), aup(pr=0.2, target_params=0.6)
@@ -250,7 +250,7 @@ def test_options_schema_and_capabilities():
 
 # -- end to end through the CLI (needs the typed-config pipeline) ---------------------------------------
 def test_unknown_option_is_one_line(tmp_path):
-    proc = compress_cli("run", "smoke=true", "method=aup", "schedule.rounds=1", "method.threshold=0.5",
+    proc = compress_cli("run", "debug=smoke", "method=aup", "schedule.rounds=1", "method.threshold=0.5",
                         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "method.threshold" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
@@ -260,7 +260,7 @@ def test_a_final_row_without_fine_tune_reports_the_accepted_model_not_the_rolled
     """schedule.epochs=0 and the last round rolled back: the final row repeats the last *accepted* model's
     numbers (the model saved), not the thrown-away candidate's."""
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     run_dir = tmp_path / "run"
     Run(compose(["debug=smoke", "method=aup", "arch=resnet20", "schedule.rounds=1", "schedule.epochs=0",
@@ -277,7 +277,7 @@ def test_a_final_row_without_fine_tune_reports_the_accepted_model_not_the_rolled
 def test_impossible_threshold_rolls_the_round_back(tmp_path):
     run_dir = tmp_path / "run"
     # smoke: synthetic data, random weights, 2 batches per epoch; no accuracy reaches 100 %
-    proc = compress_cli("run", "smoke=true", "method=aup", "arch=resnet20", "schedule.rounds=2",
+    proc = compress_cli("run", "debug=smoke", "method=aup", "arch=resnet20", "schedule.rounds=2",
                         "schedule.min_top1=100", "schedule.on_rollback=stop", "threads=1",
                         f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300,
                         env={"OMP_NUM_THREADS": "1"})

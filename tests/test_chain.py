@@ -2,32 +2,27 @@
 model.pt of a chain reloading into every step's form, storage reflecting every step, resume by step."""
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, layers, models, sources
+from compress import CompressError, layers, models
+from compress.job import checkpoints, sources
 from compress.config import compose
 from compress.layers.quant import ActivationFakeQuant, quantised_widths
 from compress.layers.series import series_kernel_of
 from compress.methods import get
-from compress.pipeline import Run
+from compress.job.pipeline import Run
 from tests.contexts import cpu_context
+from tests.conftest import metrics_rows, noise_calibration
 
 CHAIN = "method.steps=[{name: l1, compress_rate: 0.5}, {name: approxconv, harmonics: 2}, {name: quant, bits: 8}]"
 
 
-def rows(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+rows = metrics_rows
 
 
-def calibration(batches, batch_size, augment=False):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(batches):
-        yield torch.randn(batch_size, 3, 32, 32, generator=g)
+calibration = noise_calibration()
 
 
 def test_quant_fake_quantises_every_layer_and_packs_its_storage(threads):

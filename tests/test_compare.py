@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from compress import CompressError, cli, compare, plot, results
+from compress import CompressError, cli
+from compress.report import compare, plot, results
 from tests.conftest import compress_cli
 
 PUBLISHED = """\
@@ -133,14 +134,14 @@ def test_link_prefers_the_run_column_and_survives_a_failing_lookup(sweep, publis
 
 def test_experiment_paper_row_lookup(monkeypatch):
     import compress.config
-    import compress.experiments
+    import compress.job.experiments
 
     class Row:
         def __init__(self, name, paper_row):
             self.name, self.paper = name, {"paper_row": paper_row}
 
     calls = []
-    monkeypatch.setattr(compress.experiments, "approxconv_rows", lambda: [Row("t_a", "approx_a"), Row("t_b", "")])
+    monkeypatch.setattr(compress.job.experiments, "approxconv_rows", lambda: [Row("t_a", "approx_a"), Row("t_b", "")])
 
     def fake_compose(overrides):
         calls.append(overrides)

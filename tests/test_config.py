@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from compress import CompressError, measure, models
+from compress import CompressError, models
+from compress.deploy import measure
 from compress.config import LimitsConfig, ScheduleConfig, compose
-from compress.ledger import RunLedger, fingerprint
-from compress.rounds import IterativeSchedule
-from compress.train import make_scheduler
+from compress.job.ledger import RunLedger, fingerprint
+from compress.job.rounds import IterativeSchedule
+from compress.training.train import make_scheduler
 
 
 # -- composition and checks -------------------------------------------------------------------------------
@@ -22,7 +23,9 @@ def test_default_job_composes_to_typed_config():
     assert (config.arch.name, config.method.name, config.dataset.name) == ("resnet56", "cfdp", "cifar10")
     assert config.method.compress_rate == "paper"  # one default, in the options dataclass
     assert config.schedule.epochs == 1 and config.pretrain.epochs == 200 and config.pretrain.milestones == [100, 150]
-    assert type(config.method).__name__ == "CFDPOptions" or dataclasses.is_dataclass(config.method)
+    from compress.methods.cfdp import CFDPOptions
+
+    assert type(config.method) is CFDPOptions and dataclasses.is_dataclass(config.method)  # typed, not a dict
 
 
 @pytest.mark.parametrize("override, key", [
@@ -172,7 +175,7 @@ def test_interleaved_timing_gives_the_speed_up_over_the_first_call():
 
 def test_rows_time_the_speed_up_against_the_baseline_in_pytorch_and_onnx_runtime(tmp_path, quick_args, threads):
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
     from tests.test_pipeline import rows
 
     pytest.importorskip("onnxruntime")

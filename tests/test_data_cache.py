@@ -11,7 +11,7 @@ from torchvision.io import write_png
 from compress.config import DatasetConfig, ScheduleConfig
 from compress.data.base import Data
 from compress.data.cifar import load_cifar10
-from compress.sources import pretrain_key
+from compress.job.sources import pretrain_key
 
 
 def _tiny_imagefolder(root, seed=0):

@@ -2,30 +2,27 @@
 teacher's effect on training, and the pipeline's teacher (the model as loaded, resume-safe)."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import CompressError, train
+from compress import CompressError
+from compress.training import train
 from compress.config import ScheduleConfig, compose
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
-from compress.pipeline import Run
-from tests.conftest import compress_cli, interrupt_after_first_epoch
+from compress.job.pipeline import Run
+from tests.conftest import compress_cli, interrupt_after_first_epoch, metrics_rows
 
 MEAN, STD = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.25, 0.25, 0.25])
 
 
-def rows(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+rows = metrics_rows
 
 
 # ---- the loss -------------------------------------------------------------------------------------------

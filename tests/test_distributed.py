@@ -2,17 +2,15 @@
 same global batch, rank 0 alone writes, and a run stopped in one process resumes data-parallel."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from compress import distributed
-from tests.conftest import REPO, interrupt_after_first_epoch
+from compress.training import distributed
+from tests.conftest import REPO, interrupt_after_first_epoch, metrics_rows
 
 ARGS = ["dataset=synthetic", "arch=resnet20", "method=l1", "method.compress_rate=0.5", "arch.checkpoint=null",
         "pretrain.epochs=0", "measure.latency=false", "schedule.epochs=2", "schedule.max_batches=4", "threads=1"]
@@ -25,14 +23,12 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**env, "OMP_NUM_THREADS": "1"})
 
 
-def rows(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+rows = metrics_rows
 
 
 def test_two_processes_give_one_process_rows_for_the_same_global_batch(tmp_path):
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     cache = f"paths.cache={tmp_path / 'cache'}"
     Run(compose([*ARGS, cache]), tmp_path / "one").execute()

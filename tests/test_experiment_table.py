@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from compress.experiments import SCHEDULES, approxconv_rows, experiment_node, parse_harmonics, read_rows
+from compress.job.experiments import SCHEDULES, approxconv_rows, experiment_node, parse_harmonics, read_rows
 from tests.conftest import REPO
 
 ROWS = approxconv_rows()
@@ -67,7 +67,7 @@ def test_every_row_links_its_published_row_with_the_same_numbers():
     """`paper_row` names the row of configs/tables/published.csv that the experiment reproduces, and the two
     copies of the paper's numbers agree (Table 1's params column is ResNet-32's: published keeps it on the
     ResNet-32 entry only)."""
-    from compress import papers
+    from compress.report import papers
 
     assert len({row.paper_row for row in ROWS}) == len(ROWS)
     for row in ROWS:

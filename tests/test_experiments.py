@@ -6,10 +6,10 @@ import csv
 
 import pytest
 
-from compress.experiments import approxconv_rows
+from compress.job.experiments import approxconv_rows
 from tests.conftest import REPO, compress_cli
 
-# The YAML files and the rows of the ApproxConv table (compress/experiments.py registers them).
+# The YAML files and the rows of the ApproxConv table (compress/job/experiments.py registers them).
 EXPERIMENTS = sorted([p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")]
                      + [row.name for row in approxconv_rows()])
 
@@ -18,7 +18,7 @@ EXPERIMENTS = sorted([p.stem for p in (REPO / "configs" / "experiment").glob("*.
 def test_every_experiment_runs_in_smoke_mode(tmp_path):
     assert EXPERIMENTS, "no experiment configs"
     sweep = tmp_path / "sweep"
-    proc = compress_cli("run", "-m", "experiment=glob(*)", "smoke=true", f"paths.cache={tmp_path / 'cache'}",
+    proc = compress_cli("run", "-m", "experiment=glob(*)", "debug=smoke", f"paths.cache={tmp_path / 'cache'}",
                         "threads=2", f"hydra.sweep.dir={sweep}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     finished = {}

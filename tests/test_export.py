@@ -6,20 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress import CompressError, cli, export, models, sources
+from compress import CompressError, cli, models
+from compress.deploy import export
+from compress.job import sources
 from compress.config import compose
 from compress.layers.quant import ActivationFakeQuant
 from compress.methods import get
-from compress.pipeline import Run
+from compress.job.pipeline import Run
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytest.importorskip("onnxruntime")
 
 
-def calibration(batches, batch_size, augment=False):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(batches):
-        yield torch.randn(batch_size, 3, 32, 32, generator=g)
+calibration = noise_calibration()
 
 
 def compressed(name: str, **options) -> torch.nn.Module:
@@ -55,7 +55,7 @@ def test_export_matches_pytorch_for_every_layer_kind(name, fmt, tmp_path, thread
     again = export.run_exported(fmt, done.path.read_bytes(), images[:3])  # the file alone, any batch size
     with torch.inference_mode():
         reference = model(images[:3])
-    if name == "quant" and fmt == "onnx":  # rounding boundaries: see compress/export.py
+    if name == "quant" and fmt == "onnx":  # rounding boundaries: see compress/deploy/export.py
         assert done.criterion.startswith("quantised activations") and torch.equal(again.argmax(1), reference.argmax(1))
     else:
         assert done.max_abs_diff <= export.TOLERANCE and torch.allclose(again, reference, atol=export.TOLERANCE, rtol=0)

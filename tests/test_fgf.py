@@ -28,8 +28,8 @@ from compress.methods.aup import AUP
 from compress.methods.base import Context
 from compress.config import compose
 from compress.methods.fgfp import FGFP, conversion_order, select_layers
-from compress.pipeline import Run
-from compress.rounds import IterativeSchedule
+from compress.job.pipeline import Run
+from compress.job.rounds import IterativeSchedule
 from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 
@@ -517,7 +517,7 @@ def test_fit_improves_on_a_pretrained_resnet20_kernel():
 
 # -- through the CLI (needs the typed-config pipeline) --------------------------------------------------
 def test_fgfp_without_rounds_names_its_recipe(tmp_path):
-    proc = compress_cli("run", "smoke=true", "method=fgfp", "arch=resnet20", "schedule.rounds=0", "threads=1",
+    proc = compress_cli("run", "debug=smoke", "method=fgfp", "arch=resnet20", "schedule.rounds=0", "threads=1",
                         f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                         timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -621,7 +621,7 @@ def test_conversion_rounds_fine_tune_convert_epochs_and_pruning_rounds_the_sched
 def test_target_params_counts_from_the_model_before_any_conversion():
     """FGFP's AUP rounds stop at method.target_params of the *unconverted* model's parameters: prepare
     records them (state_dict()["aup"], kept through resume) before any layer becomes an FGF."""
-    from compress.measure import count_nonzero
+    from compress.deploy.measure import count_nonzero
 
     torch.manual_seed(0)
     model = Tiny()

@@ -8,7 +8,7 @@ Two levels:
   `Run.execute` stubbed out: parsing, composition, the typed config's checks, building the method and
   `Run`'s own checks are the real code; only the stages are skipped. Each case has a time bound; a process
   that dies (memory) or hangs is a failed case.
-- through the CLI, a handful: `python -m compress.cli run ... smoke=true` as a user runs it, time and
+- through the CLI, a handful: `python -m compress.cli run ... debug=smoke` as a user runs it, time and
   memory bounded; the value then also reaches the stages (data, threads, seeds, the rate applied to the
   model). A run that is still going at the time bound passes only if it has loaded its data (started).
 
@@ -168,7 +168,7 @@ def check(worker: InProcessCLI, key: str, selectors: tuple[str, ...], value: str
 # -- in process: every key ----------------------------------------------------------------------------------
 def test_every_key_is_covered():
     keys = {k for k, _ in KEYS}
-    assert {"seed", "device", "threads", "resume", "smoke", "dataset.val_size", "arch.checkpoint", "schedule.lr",
+    assert {"seed", "device", "threads", "resume", "dataset.val_size", "arch.checkpoint", "schedule.lr",
             "pretrain.epochs", "measure.latency_repeats", "method.compress_rate", "method.harmonics", "method.pr",
             "method.ae_samples", "method.terms"} <= keys
     assert {sel[0] for _, sel in KEYS if sel} == {f"method={m}" for m in METHODS}
@@ -218,7 +218,7 @@ def cli(tmp_path: Path, *overrides: str) -> dict:
     """`compress run` in smoke mode with `overrides` last, in a memory-capped process; exit code and stderr."""
     run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
     # ResNet-56: the architecture of the default job, for which every method's defaults hold (the paper rate).
-    args = [sys.executable, "-m", "compress.cli", "run", "smoke=true", "arch=resnet56", "method=none", "threads=1",
+    args = [sys.executable, "-m", "compress.cli", "run", "debug=smoke", "arch=resnet56", "method=none", "threads=1",
             f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
     started = time.monotonic()
     try:

@@ -3,6 +3,9 @@ own thread count), and the SLURM launcher config composes for submitit."""
 from __future__ import annotations
 
 import csv
+import re
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +34,17 @@ def test_a_parallel_sweep_runs_each_job_in_its_own_process(tmp_path):
     assert [r["seed"] for r in finals] == ["0", "1"]
     assert finals[0]["params"] == finals[1]["params"] == "68050"  # both pruned at rate 0.5
     assert finals[0]["top1"] != finals[1]["top1"] or finals[0]["loss"] != finals[1]["loss"]  # two seeds, two runs
+    # Hydra's basic launcher runs a sweep's jobs one after the other in its own process; here each run's log
+    # spans the other's: they ran at the same time, so in two processes.
+    spans = [_log_span(run / "compress.log") for run in runs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+
+
+def _log_span(log: Path) -> tuple[datetime, datetime]:
+    stamps = [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f")
+              for m in re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", log.read_text(), re.M)]
+    assert len(stamps) >= 2, log
+    return stamps[0], stamps[-1]
 
 
 def test_a_parallel_sweep_without_a_thread_count_is_refused(cli_in_process, tmp_path):

@@ -24,9 +24,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from compress import checkpoints, layers, models
+from compress import layers, models
+from compress.job import checkpoints
 from compress.methods import METHODS, Method, MethodOptions
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytestmark = pytest.mark.usefixtures("threads")
 
@@ -78,9 +80,7 @@ def tiny_model() -> nn.Module:
     return model.eval()
 
 
-def calibration(batches: int, batch_size: int, augment: bool = False):
-    g = torch.Generator().manual_seed(batches * 1000 + batch_size)
-    return iter([torch.randn(batch_size, 3, SIZE, SIZE, generator=g) for _ in range(batches)])
+calibration = noise_calibration((3, SIZE, SIZE), per_request=True)
 
 
 def context():

@@ -1,7 +1,7 @@
 """The contract of "your own CNN" (docs/own-model.md): every structured method, and approxconv, aup and quant,
 on torchvision's families (random weights, 32x32 inputs, 10 classes), as the pipeline runs them:
 
-- a structured method at `target_macs=0.5` lands within 1 % of half the MACs (compress.measure's counter);
+- a structured method at `target_macs=0.5` lands within 1 % of half the MACs (compress.deploy.measure's counter);
 - the compressed model runs forward;
 - its `model.pt` (checkpoints.pack, with the builder spec) reloads through sources.load_saved into the same
   outputs, and `compress export` of it (cli.export_model: ONNX, checked in ONNX Runtime) matches PyTorch.
@@ -18,11 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress import checkpoints, cli, models, sources
-from compress.measure import count_macs
+from compress import cli, models
+from compress.job import checkpoints, sources
+from compress.deploy.measure import count_macs
 from compress.methods import METHODS
 from compress.models import Spec
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytestmark = pytest.mark.usefixtures("threads")
 
@@ -49,9 +51,7 @@ def cases(methods: list[str]) -> list:
             for f in FAMILIES for m in methods]
 
 
-def calibration(batches: int, batch_size: int, augment: bool = False):
-    g = torch.Generator().manual_seed(batches * 1000 + batch_size)
-    return iter([torch.randn(batch_size, *SHAPE, generator=g) for _ in range(batches)])
+calibration = noise_calibration(SHAPE, per_request=True)
 
 
 def build(family: str) -> tuple[Spec, nn.Module]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.measure import count_macs, count_params
+from compress.deploy.measure import count_macs, count_params
 from compress.models import build
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune.engine import route_shortcuts

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, cli, models, sources
+from compress import CompressError, cli, models
+from compress.job import checkpoints, sources
 from compress.config import compose
 from compress.methods import METHODS
 from compress.models import Spec
-from compress.pipeline import Run
+from compress.job.pipeline import Run
 from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")
@@ -204,7 +204,7 @@ def test_own_module_runs_prunes_resumes_and_exports(tmp_path, capsys):
 def test_runs_started_before_the_builder_keys_existed_still_resume():
     import dataclasses
 
-    from compress.ledger import fingerprint
+    from compress.job.ledger import fingerprint
 
     config = dataclasses.asdict(compose(["dataset=synthetic", "arch.checkpoint=random"]))
     before = {**config, "arch": {k: v for k, v in config["arch"].items() if k not in ("source", "target", "kwargs")}}

@@ -1,4 +1,4 @@
-"""The papers' published numbers (configs/tables/published.csv, `compress.papers`) and the `paper_row` links.
+"""The papers' published numbers (configs/tables/published.csv, `compress.report.papers`) and the `paper_row` links.
 
 The table loads with its types; its ids are unique; it holds every entry of every table (counts pinned per
 paper and table); a handful of values per paper are checked against the paper text as printed; every
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from compress import CompressError, papers
+from compress import CompressError
+from compress.report import papers
 from compress.config import compose
-from compress.experiments import approxconv_rows
-from compress.results import COLUMNS as METRICS_COLUMNS
+from compress.job.experiments import approxconv_rows
+from compress.report.results import COLUMNS as METRICS_COLUMNS
 from tests.conftest import REPO
 
 EXPERIMENT_FILES = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
@@ -174,7 +175,7 @@ def test_the_cli_stops_on_an_unknown_paper_row(cli_in_process):
 
 
 def test_metrics_rows_carry_the_paper_row(tmp_path: Path):
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     # new columns only ever come last: paper_row right after the latency spread, the later ones after it
     assert METRICS_COLUMNS.index("paper_row") == METRICS_COLUMNS.index("latency_iqr_ms_b64") + 1

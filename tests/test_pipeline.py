@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, results
+from compress import CompressError
+from compress.job import checkpoints
+from compress.report import results
 from compress.config import compose
 from compress.methods import METHODS, Method
-from compress.pipeline import Run
-from compress.results import COLUMNS
-from tests.conftest import PRETRAINED, compress_cli, interrupt_after_first_epoch, needs_shared
+from compress.job.pipeline import Run
+from compress.report.results import COLUMNS
+from tests.conftest import PRETRAINED, compress_cli, interrupt_after_first_epoch, needs_shared, metrics_rows
 
 
 # metrics.csv's columns as the README documents them: users' scripts read them by name and position, so
@@ -26,9 +27,7 @@ METRICS_COLUMNS = [
 ]
 
 
-def rows(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+rows = metrics_rows
 
 
 def test_run_writes_metrics_config_log_and_reloadable_model(tmp_path, quick_args):

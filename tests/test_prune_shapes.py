@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.measure import count_macs, count_params
+from compress.deploy.measure import count_macs, count_params
 from compress.methods.structured import L1Options, L1Pruning
 from tests.contexts import cpu_context
 from compress.models import build

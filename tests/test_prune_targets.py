@@ -1,5 +1,5 @@
 """Budget targets of the structured methods (`method.target_macs` / `method.target_params`, issue 14):
-the cost model is exact, targets land within 1 % as measured by compress.measure, global ranking and its
+the cost model is exact, targets land within 1 % as measured by compress.deploy.measure, global ranking and its
 floors, rounds, state for resume, and the one-line errors of bad combinations."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.measure import count_macs, count_params
+from compress.deploy.measure import count_macs, count_params
 from compress.methods.cfdp import CFDP
 from compress.methods.scap import SCAP
 from compress.methods.structured import HRankPruning, L1Options, L1Pruning, RandomPruning, StructuredPruning
@@ -22,6 +22,7 @@ from compress.models import build
 from compress.prune import allocation, engine
 from compress.prune.rates import RateSpec
 from tests.contexts import cpu_context
+from tests.conftest import noise_calibration
 
 pytestmark = pytest.mark.usefixtures("threads")
 
@@ -30,9 +31,7 @@ COSTS = {"macs": lambda model: count_macs(model, SHAPE), "params": count_params}
 KEYS = {"macs": "target_macs", "params": "target_params"}
 
 
-def calibration(batches: int, batch_size: int, augment: bool = False):
-    g = torch.Generator().manual_seed(0)
-    return iter([torch.randn(batch_size, 3, 32, 32, generator=g) for _ in range(batches)])
+calibration = noise_calibration()
 
 
 def context(arch: str):
@@ -61,7 +60,7 @@ def widths(model: nn.Module) -> dict[str, int]:
 @pytest.mark.parametrize("arch, spec", [("resnet56", 1.0), ("resnet56", "[0.]+[0.18]*29"), ("vgg16_bn", 1.0),
                                         ("googlenet", 1.0)])
 def test_cost_model_predicts_the_counters_exactly(arch, spec):
-    """Random widths for every group: the predicted MACs and parameters are what compress.measure counts
+    """Random widths for every group: the predicted MACs and parameters are what compress.deploy.measure counts
     on the pruned model, to the unit (the cost model needs no correction term on these architectures)."""
     model = model_of(arch)
     plan = engine.PruningPlan.build(model, SHAPE, RateSpec.parse(spec))

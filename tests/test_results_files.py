@@ -24,11 +24,32 @@ def _report_csvs() -> list[Path]:
     return [p for p in sorted(RESULTS.glob("*.csv")) if REPORT_COLUMNS <= set(pd.read_csv(p, nrows=0).columns)]
 
 
+# A command line of results/README.md: indented as a code block, a program (with environment assignments first).
+COMMAND_LINE = re.compile(r"^(?: {4}|\t)\s*(?:[A-Z_]+=\S+\s+)*(?:compress|python|\.venv/bin/\S+|bash|scripts/\S+|make|"
+                          r"torchrun)\b", re.M)
+
+
+def _entry(readme: str, name: str) -> str:
+    """What results/README.md says about `name`: from its first mention to the next section heading."""
+    start = readme.find(name)
+    if start < 0:
+        return ""
+    end = readme.find("\n## ", start)
+    return readme[start:] if end < 0 else readme[start:end]
+
+
 def test_every_results_file_has_its_commands_in_the_results_readme():
     readme = (RESULTS / "README.md").read_text()
     files = [p.name for p in RESULTS.iterdir() if p.is_file() and p.name != "README.md"]
     assert files, "results/ holds no measured rows"
     assert [name for name in files if name not in readme] == []
+    # named, and followed in its section by at least one command line that produces it
+    assert [name for name in files if not COMMAND_LINE.search(_entry(readme, name))] == []
+
+
+def test_an_entry_without_a_command_is_caught():
+    assert COMMAND_LINE.search(_entry("x.csv: the rows of a run.\n\n    compress report outputs -o x.csv\n", "x.csv"))
+    assert not COMMAND_LINE.search(_entry("x.csv: the rows, commands below.\n\n## Next\n\n    compress run\n", "x.csv"))
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPO)))

@@ -3,6 +3,7 @@ coupled groups, determinism, chunking."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ from compress.prune.rates import RateSpec
 from tests.contexts import cpu_context
 from compress.methods import scap
 from compress.methods.scap import SCAP, SCAPOptions
+
+
+# The rule before issue 26 (per-layer min-max of the uncentred fidelity, no L1 term, no per-layer floor), which
+# these tests pin; the readings and today's defaults: tests/test_scap_readings.py.
+MINMAX_LAYER = dict(normalise="minmax_layer", ae_center=False, l1_weight=0.0, compress_rate=1.0)
+
+
+def Opts(**kw) -> SCAPOptions:
+    return SCAPOptions(**{**MINMAX_LAYER, **kw})
 
 
 # Small and fast: the autoencoder sees few spectra for few epochs.
@@ -74,7 +84,7 @@ def test_align_output_nearest_repeats_each_pixel_over_its_stride_cell():
 
 def test_layer_planes_pair_strided_output_with_input_grid():
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
-    fx, fy = scap.layer_planes(x, y, scap.SpectrumOptions(balance="none"))
+    fx, fy = scap.layer_planes(x, y, dataclasses.replace(SCAP().spectrum_opts, balance="none"))
     assert fx.shape == (2, 3, 8, 8) and fy.shape == (2, 5, 8, 8)
     assert torch.allclose(fy, scap.plane_fft(scap.align_output(y, (8, 8))))
 
@@ -144,7 +154,7 @@ def test_chunked_scores_equal_unchunked():
     fx = scap.plane_fft(torch.randn(3, 4, 6, 6, generator=g))
     fy = scap.plane_fft(torch.randn(3, 7, 6, 6, generator=g))
     ae = scap.init_autoencoder(36, 3, g)
-    opts = scap.SpectrumOptions()
+    opts = SCAP().spectrum_opts
     whole = scap.fidelity_sums(fx, fy, ae, opts, None)
     assert whole.shape == (7,)
     for chunk in (1, 3, 7, 50):
@@ -156,17 +166,17 @@ def test_chunked_scores_equal_unchunked():
 
 def test_method_chunked_equals_unchunked_end_to_end():
     model, ctx = tiny_model(), make_ctx()
-    a = SCAP(SCAPOptions(chunk_size=1, **FAST)).channel_scores(model, ctx, convs(model))
-    b = SCAP(SCAPOptions(chunk_size=None, **FAST)).channel_scores(model, ctx, convs(model))
+    a = SCAP(Opts(chunk_size=1, **FAST)).channel_scores(model, ctx, convs(model))
+    b = SCAP(Opts(chunk_size=None, **FAST)).channel_scores(model, ctx, convs(model))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6)
 
 
 def test_scores_deterministic_under_seed_and_seed_matters():
     model = tiny_model()
-    first = SCAP(SCAPOptions(**FAST)).channel_scores(model, make_ctx(seed=3), convs(model))
-    again = SCAP(SCAPOptions(**FAST)).channel_scores(model, make_ctx(seed=3), convs(model))
-    other = SCAP(SCAPOptions(**FAST)).channel_scores(model, make_ctx(seed=4), convs(model))
+    first = SCAP(Opts(**FAST)).channel_scores(model, make_ctx(seed=3), convs(model))
+    again = SCAP(Opts(**FAST)).channel_scores(model, make_ctx(seed=3), convs(model))
+    other = SCAP(Opts(**FAST)).channel_scores(model, make_ctx(seed=4), convs(model))
     for name in first:
         assert first[name].shape == (convs(model)[name].out_channels,)
         assert torch.equal(first[name], again[name])
@@ -183,7 +193,7 @@ def test_odd_channel_out_gets_the_lowest_fidelity():
         conv.weight[5] = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]).expand(3, 3, 3)  # checkerboard
     model = nn.Sequential(conv).eval()
     ctx = make_ctx(images=16, size=8)
-    method = SCAP(SCAPOptions(ae_hidden=1, ae_epochs=40, ae_lr=1e-2, ae_samples=1024, ae_batch_size=128,
+    method = SCAP(Opts(ae_hidden=1, ae_epochs=40, ae_lr=1e-2, ae_samples=1024, ae_batch_size=128,
                               batches=2, batch_size=8, balance="channel"))
     fidelity = method.fidelities(model, ctx, {"0": conv})["0"]
     assert int(fidelity.argmin()) == 5
@@ -262,7 +272,7 @@ def test_dead_channel_gets_no_fidelity_the_lowest_importance_and_leaves_the_rang
     model, ctx = tiny_model(), make_ctx()
     with torch.no_grad():
         model[1].bias[2] = -100.0  # BN output < 0 everywhere: channel 2 of conv 0 is dead after the ReLU
-    method = SCAP(SCAPOptions(threshold=0.6, **FAST))
+    method = SCAP(Opts(threshold=0.6, **FAST))
     fid = method.fidelities(model, ctx, convs(model))
     assert torch.isnan(fid["0"][2]) and torch.isfinite(fid["0"][torch.arange(8) != 2]).all()
     assert torch.isfinite(fid["3"]).all()
@@ -305,7 +315,7 @@ def test_threshold_keeps_low_fidelity_and_prunes_high(monkeypatch):
     # importance = (0.95 - f) / 0.85: [0.06, 1, 0.29, 0.76, 0.40, 0.42, 0, 0.88]
     _fixed_fidelities(monkeypatch, {"0": torch.tensor([0.9, 0.1, 0.7, 0.3, 0.61, 0.59, 0.95, 0.2]),
                                     "3": torch.full((6,), 0.1)})  # degenerate layer: every channel kept
-    pruned = SCAP(SCAPOptions(threshold=0.6)).compress(model, make_ctx())
+    pruned = SCAP(Opts(threshold=0.6)).compress(model, make_ctx())
     assert _surviving_filters(original, pruned[0]) == [1, 3, 7]  # importance >= 0.6 stays
     assert pruned[3].out_channels == 6
 
@@ -320,7 +330,7 @@ def test_threshold_scale_ends_and_nested_survivors(monkeypatch):
     for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
         model = tiny_model()
         original = copy.deepcopy(model[0])
-        pruned = SCAP(SCAPOptions(threshold=t)).compress(model, make_ctx())
+        pruned = SCAP(Opts(threshold=t)).compress(model, make_ctx())
         survivors.append((set(_surviving_filters(original, pruned[0])), pruned[3].out_channels))
         assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4)
     assert survivors[0] == (set(range(8)), 6)
@@ -338,14 +348,14 @@ def test_l1_weight_one_is_l1_pruning_and_fusion_protects_heavy_filters(monkeypat
     fid = {"0": torch.tensor([0.95, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.55]), "3": torch.full((6,), 0.1)}
     _fixed_fidelities(monkeypatch, fid)
     original = copy.deepcopy(model[0])
-    alone = SCAP(SCAPOptions(threshold=0.6, l1_weight=0.0)).compress(copy.deepcopy(model), make_ctx())
+    alone = SCAP(Opts(threshold=0.6, l1_weight=0.0)).compress(copy.deepcopy(model), make_ctx())
     assert 0 not in _surviving_filters(original, alone[0])
-    fused = SCAP(SCAPOptions(threshold=0.6, l1_weight=0.9)).compress(copy.deepcopy(model), make_ctx())
+    fused = SCAP(Opts(threshold=0.6, l1_weight=0.9)).compress(copy.deepcopy(model), make_ctx())
     # filter 0: 0.1 * 0 + 0.9 * 1 = 0.9 stays; the light ones: <= 0.1 * 1 + 0.9 * ~0.02 go
     assert _surviving_filters(original, fused[0]) == [0]
     # l1_weight 1: exactly L1 pruning's choice (and no fidelity pass is needed)
     monkeypatch.setattr(scap.SCAP, "fidelities", lambda *a: pytest.fail("fidelities computed at l1_weight 1"))
-    by_rate = SCAP(SCAPOptions(threshold=None, compress_rate=0.5, l1_weight=1.0)).compress(copy.deepcopy(model), make_ctx())
+    by_rate = SCAP(Opts(threshold=None, compress_rate=0.5, l1_weight=1.0)).compress(copy.deepcopy(model), make_ctx())
     l1 = L1Pruning(L1Options(compress_rate=0.5)).compress(copy.deepcopy(model), make_ctx())
     assert _surviving_filters(original, by_rate[0]) == _surviving_filters(original, l1[0])
     assert torch.equal(by_rate[3].weight, l1[3].weight)
@@ -353,7 +363,7 @@ def test_l1_weight_one_is_l1_pruning_and_fusion_protects_heavy_filters(monkeypat
 
 def test_threshold_one_keeps_one_channel_per_layer_and_model_still_runs():
     model = tiny_model()
-    pruned = SCAP(SCAPOptions(threshold=1.0, **FAST)).compress(model, make_ctx())  # only each layer's best is 1
+    pruned = SCAP(Opts(threshold=1.0, **FAST)).compress(model, make_ctx())  # only each layer's best is 1
     assert pruned[0].out_channels == 1 and pruned[3].out_channels == 1
     assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4)
 
@@ -366,7 +376,7 @@ def test_paper_threshold_does_not_collapse_layers_whose_raw_fidelities_are_all_h
     """Issue 13: raw fidelities all above 0.6 made `threshold: 0.6` prune every layer down to one channel.
     On the normalised scale the same 0.6 keeps the channels in the top 40 % of each layer's range."""
     model, ctx = tiny_model(), make_ctx(images=16)
-    method = SCAP(SCAPOptions(threshold=0.6, **HIGH_FIDELITY))
+    method = SCAP(Opts(threshold=0.6, **HIGH_FIDELITY))
     raw = method.fidelities(model, ctx, convs(model))
     assert all(float(f.min()) > 0.9 for f in raw.values())  # the old rule (prune fidelity > 0.6) pruned all
     scores = method.channel_scores(model, ctx, convs(model))
@@ -405,7 +415,7 @@ def test_every_group_spans_zero_to_one_and_single_conv_groups_equal_their_layer(
     coupled = [g for g, members in plan.members.items() if len(members) > 1]
     assert coupled, "ResNet-20 has residual streams"
     for w in (0.0, 0.5, 1.0):
-        method = SCAP(SCAPOptions(l1_weight=w))
+        method = SCAP(Opts(l1_weight=w))
         groups = method._group_scores(model, ctx, plan, plan.target_keep())
         layer = method.channel_scores(model, ctx, plan.convs)
         assert set(groups) == set(plan.members)
@@ -422,7 +432,7 @@ def test_coupled_group_is_the_renormalised_mean_of_its_layers_terms(monkeypatch)
     model, ctx = _resnet20(), make_ctx(size=8)
     plan = engine.PruningPlan.build(model, (3, 8, 8), RateSpec.parse(1.0))
     group, members = next((g, m) for g, m in plan.members.items() if len(m) > 1)
-    method = SCAP(SCAPOptions(l1_weight=0.25))
+    method = SCAP(Opts(l1_weight=0.25))
     fid = method.fidelities(model, ctx, {n: plan.convs[n] for n in members})
     mean_fid = torch.stack([scap.fidelity_term(fid[n]) for n in members]).mean(0)
     mean_l1 = torch.stack([scap.minmax(scap.filter_l1(plan.convs[n].weight)) for n in members]).mean(0)
@@ -446,7 +456,7 @@ def test_coupled_group_is_judged_on_its_own_range_not_squeezed_by_the_average(mo
         monkeypatch.setattr(scap.SCAP, "fidelities",
                             lambda self, m, c, layers: {n: fid.get(n, torch.linspace(0.80, 0.95, layers[n].out_channels))
                                                              for n in layers})
-        pruned = SCAP(SCAPOptions(threshold=0.6)).compress(copy.deepcopy(model), ctx)
+        pruned = SCAP(Opts(threshold=0.6)).compress(copy.deepcopy(model), ctx)
         assert pruned.conv1.out_channels == expected
         assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     assert 1 < expected < 16
@@ -454,13 +464,13 @@ def test_coupled_group_is_judged_on_its_own_range_not_squeezed_by_the_average(mo
 
 def test_rate_mode_without_threshold():
     model = tiny_model()
-    pruned = SCAP(SCAPOptions(threshold=None, compress_rate=0.5, **FAST)).compress(model, make_ctx())
+    pruned = SCAP(Opts(threshold=None, compress_rate=0.5, **FAST)).compress(model, make_ctx())
     assert pruned[0].out_channels == 4 and pruned[3].out_channels == 3
 
 
 def test_relu_output_scores_are_finite():
     model, ctx = tiny_model(), make_ctx()
-    scores = SCAP(SCAPOptions(output="relu", **FAST)).channel_scores(model, ctx, convs(model))
+    scores = SCAP(Opts(output="relu", **FAST)).channel_scores(model, ctx, convs(model))
     assert all(torch.isfinite(s).all() for s in scores.values())
 
 
@@ -477,16 +487,19 @@ def test_bad_options_fail_with_one_line_naming_the_key(key, value):
 
 
 def test_options_keep_scaps_own_defaults():
+    """Issue 26's reading is the default: raw centred fidelity fused with 0.25 of the layer-min-maxed L1
+    norm, threshold 0.6, every layer keeping at least 10 % of its channels (compress_rate 0.9)."""
     opts = SCAPOptions()
-    assert (opts.name, opts.threshold, opts.compress_rate, opts.step_rate, opts.l1_weight) == ("scap", 0.6, 1.0, 0.1, 0.0)
+    assert (opts.name, opts.threshold, opts.compress_rate, opts.step_rate) == ("scap", 0.6, 0.9, 0.1)
+    assert (opts.normalise, opts.ae_center, opts.l1_weight, opts.l1_norm) == ("raw", True, 0.25, "minmax")
     assert SCAP(opts).threshold == 0.6  # the importance scale is the engine's: keep scores >= threshold
     for t in (0.0, 1.0, None):
-        assert SCAP(SCAPOptions(threshold=t)).threshold == t
+        assert SCAP(Opts(threshold=t)).threshold == t
     assert SCAP().options == opts and SCAP.one_shot and SCAP.iterative and SCAP.changes_model
 
 
 def test_smoke_runs_train_the_autoencoders_for_a_token_budget():
-    method = SCAP(SCAPOptions(ae_epochs=50, ae_samples=8192))
+    method = SCAP(Opts(ae_epochs=50, ae_samples=8192))
     assert method.autoencoder_budget(quick=False) == method.ae_opts
     quick = method.autoencoder_budget(quick=True)
     assert (quick.epochs, quick.samples, quick.hidden) == (1, scap.QUICK_AE_SAMPLES, method.ae_opts.hidden)
@@ -494,8 +507,8 @@ def test_smoke_runs_train_the_autoencoders_for_a_token_budget():
 
 def test_layer_scores_do_not_depend_on_the_other_layers_scored():
     model, ctx = tiny_model(), make_ctx()
-    both = SCAP(SCAPOptions(**FAST)).channel_scores(model, ctx, convs(model))
-    alone = SCAP(SCAPOptions(**FAST)).channel_scores(model, ctx, {"3": model[3]})
+    both = SCAP(Opts(**FAST)).channel_scores(model, ctx, convs(model))
+    alone = SCAP(Opts(**FAST)).channel_scores(model, ctx, {"3": model[3]})
     assert torch.allclose(both["3"], alone["3"], atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""The search for the largest reduction within a top-1 drop (compress/search.py, configs/hparams_search/,
+"""The search for the largest reduction within a top-1 drop (compress/job/search.py, configs/hparams_search/,
 docs/search.md): the objective on hand-made metrics rows, the Hydra callback that hands it to the sweeper,
 the presets' composition and the CLI's checks, and one short search end to end."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compress import CompressError
-from compress.search import OFFSET, SEARCH_CSV, SearchObjective, evaluate, objective, read_rows
+from compress.job.search import OFFSET, SEARCH_CSV, SearchObjective, evaluate, objective, read_rows
 from tests.conftest import REPO, compress_cli
 
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "hparams_search").glob("*.yaml"))
@@ -200,7 +200,7 @@ def test_preset_composes_into_an_optuna_search_of_a_checked_objective(preset):
         assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is not None
         assert sweeper.n_trials > 0 and sweeper.n_jobs == 1
         search = OmegaConf.to_container(cfg.hydra.callbacks.search)
-        assert search.pop("_target_") == "compress.search.SearchObjective"
+        assert search.pop("_target_") == "compress.job.search.SearchObjective"
         SearchObjective(**search)  # the preset's settings pass the checks
         assert len(sweeper.params) == 1
         for key, spec in sweeper.params.items():  # each searched key exists for a structured method

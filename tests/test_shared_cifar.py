@@ -44,7 +44,7 @@ def test_pretrained_resnet20_reproduces_published_top1_and_val_from_test_is_hone
     train/, validation reads ~100 % for a checkpoint trained on all of it (decisions are blind);
     val_from=test validates on one fixed half of the test set and reports the other: the two agree."""
     from compress.config import compose
-    from compress.pipeline import Run
+    from compress.job.pipeline import Run
 
     blind, honest = tmp_path / "blind", tmp_path / "honest"
     compress_cli("run", "arch=resnet20", *EVALUATE, f"hydra.run.dir={blind}", check=True, timeout=600)

@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress import CompressError, checkpoints, models
-from compress.measure import count_macs, count_params
+from compress import CompressError, models
+from compress.job import checkpoints
+from compress.deploy.measure import count_macs, count_params
 from compress.methods import METHODS
 from compress.methods.torch_pruning import IMPORTANCES, TOLERANCE, TorchPruning, TorchPruningOptions
 from compress.models.cifar_resnet import ShortcutA
-from tests.conftest import compress_cli
+from tests.conftest import compress_cli, noise_calibration
 from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")
@@ -25,9 +26,7 @@ pytestmark = pytest.mark.usefixtures("threads")
 SHAPE = (3, 32, 32)
 
 
-def calibration(batches: int, batch_size: int, augment: bool = False):
-    g = torch.Generator().manual_seed(batches * 1000 + batch_size)
-    return iter([torch.randn(batch_size, *SHAPE, generator=g) for _ in range(batches)])
+calibration = noise_calibration(SHAPE, per_request=True)
 
 
 def context(arch: str):

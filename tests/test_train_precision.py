@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import runtime, train
+from compress.job import runtime
+from compress.training import train
 from compress.config import ScheduleConfig, compose
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
-from compress.pipeline import Run
+from compress.job.pipeline import Run
 
 CPU = torch.device("cpu")
 MEAN, STD = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.25, 0.25, 0.25])

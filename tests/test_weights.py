@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress import CompressError, checkpoints, sources
+from compress import CompressError
+from compress.job import checkpoints, sources
 from tests.conftest import REPO, compress_cli
 
 WEIGHTS = REPO / "weights"

@@ -13,7 +13,6 @@ depthwise conv for ConvNeXt-like models, written with repetitions (`"7x3,7x3,5x9
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 import reprlib
 from dataclasses import dataclass, field
@@ -23,12 +22,23 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.checks import is_count, is_number
+from compress.checks import is_count
 from compress.layers import bake_parametrized
-from compress.layers.quant import (ActivationFakeQuant, calibrate_input_ranges, quantise_layers,
-                                   quantised_storage_bytes)
-from compress.layers.series import SERIES, approximate_conv, fit_adam, initial_coefficients, series_kernel_of
+from compress.layers.quant import (
+    ActivationFakeQuant,
+    calibrate_input_ranges,
+    quantise_layers,
+    quantised_storage_bytes,
+)
+from compress.layers.series import (
+    SERIES,
+    approximate_conv,
+    fit_adam,
+    initial_coefficients,
+    series_kernel_of,
+)
 from compress.methods.base import Context, Method, MethodOptions
+from compress.models.introspect import matches
 
 FITS = ("lstsq", "adam")
 QUANT_SCOPES = ("all", "approx")
@@ -149,7 +159,7 @@ def plan_orders(model: nn.Module, harmonics: list[int] | None, overrides: dict[s
             for name in group.layers:
                 orders[name], source[name] = order, "method.harmonics"
     for pattern, order in (overrides or {}).items():
-        matched = [n for n, m in convs.items() if fnmatch.fnmatchcase(n, pattern) and ineligibility(m) is None]
+        matched = [n for n, m in convs.items() if matches(n, (pattern,)) and ineligibility(m) is None]
         if not matched:
             raise CompressError(f"method.overrides: '{pattern}' matches no conv with a square kernel >= 3x3")
         for name in matched:
@@ -204,19 +214,19 @@ class ApproxConvOptions(MethodOptions):
 
     def __post_init__(self) -> None:
 
-        self.check(self.series in SERIES, "series", f"one of {', '.join(SERIES)}")
+        self.choice("series", SERIES)
         parse_harmonics(self.harmonics)  # raises CompressError("method.harmonics: ...")
         self.check(isinstance(self.overrides, dict) and all(isinstance(k, str) and (v is None or is_count(v, 0))
                                                        for k, v in self.overrides.items()),
               "overrides", "a map of layer globs to an order >= 1 (or null / 0: the layer stays ordinary)")
-        self.check(self.fit in FITS, "fit", f"one of {', '.join(FITS)}")
-        self.check(is_count(self.adam_steps, 1), "adam_steps", "an integer >= 1")
-        self.check(is_number(self.adam_lr) and self.adam_lr > 0, "adam_lr", "a finite number > 0")
-        self.check(self.quant_bits is None or is_count(self.quant_bits, 2, 16), "quant_bits", "null or an integer in [2, 16]")
-        self.check(self.quant_scope in QUANT_SCOPES, "quant_scope", f"one of {', '.join(QUANT_SCOPES)}")
-        self.check(is_number(self.quant_momentum) and 0 < self.quant_momentum <= 1, "quant_momentum", "a number in (0, 1]")
-        self.check(is_count(self.calibration_batches, 0, 100_000), "calibration_batches", "an integer in [0, 100000]")
-        self.check(is_count(self.calibration_batch_size, 1, 65_536), "calibration_batch_size", "an integer in [1, 65536]")
+        self.choice("fit", FITS)
+        self.count("adam_steps")
+        self.number("adam_lr", 0, 1e3, low_open=True)
+        self.count("quant_bits", 2, 16, allow_none=True)
+        self.choice("quant_scope", QUANT_SCOPES)
+        self.number("quant_momentum", 0, 1, low_open=True)
+        self.count("calibration_batches", 0, 100_000)
+        self.count("calibration_batch_size", 1, 65_536)
 
 
 class ApproxConv(Method):

@@ -10,10 +10,9 @@ state_dict). `meta` / `restore` also carry FGF layers (`compress.layers.fgf`), s
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -21,21 +20,13 @@ from torch.nn.utils import parametrize
 
 from compress import CompressError
 from compress.checks import is_number
+from compress.deploy.measure import count_nonzero
 from compress.layers import fgf, masks
-from compress.measure import count_nonzero
 from compress.methods.base import Context, Method, MethodOptions
+from compress.models.introspect import globs, matches
 
 # Layers whose `weight` AUP may prune: convolutions of any dimension and fully connected layers.
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def globs(value: str | Iterable[str] | None) -> list[str]:
-    """A checked glob option (one pattern, a list of them, or null for none) as a list."""
-    return [value] if isinstance(value, str) else list(value or [])
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def prunable_layers(model: nn.Module, include: list[str], exclude: list[str]) -> list[tuple[str, nn.Module]]:
@@ -125,8 +116,7 @@ class AUPOptions(MethodOptions):
         def glob_option(v: Any) -> bool:
             return isinstance(v, str) or isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)
 
-        self.check(isinstance(self.pr, (int, float)) and not isinstance(self.pr, bool) and 0 < self.pr < 1,
-              "pr", "a fraction in (0, 1) (the paper uses 0.03-0.06)")
+        self.number("pr", 0, 1, low_open=True, high_open=True)  # the paper uses 0.03-0.06
         self.check(glob_option(self.prune_layers), "prune_layers", "a glob pattern or a list of them")
         self.check(self.keep_layers is None or glob_option(self.keep_layers), "keep_layers", "a glob pattern or a list of them")
         self.check(self.target_params is None or is_number(self.target_params) and 0 < self.target_params < 1,

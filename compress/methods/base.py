@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
+from compress import checks
 from compress.checks import require
 
 
@@ -44,9 +45,27 @@ class MethodOptions:
 
     name: str = "none"
 
+    # The one way an option is checked in `__post_init__` (compress.checks, with the `method.` prefix): each
+    # raises one line naming `method.<key>` and its value.
     def check(self, ok: bool, key: str, expected: str) -> None:
-        """For `__post_init__`: one line naming `method.<key>` and its value unless `ok`."""
+        """A bespoke condition: unless `ok`, "method.<key>: must be <expected>, got <value>"."""
         require(ok, f"method.{key}", expected, getattr(self, key))
+
+    def count(self, key: str, low: int = 1, high: int = checks.MAX_COUNT, allow_none: bool = False) -> None:
+        """An integer in [low, high]."""
+        checks.int_in(f"method.{key}", getattr(self, key), low, high, allow_none)
+
+    def number(self, key: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+               allow_none: bool = False) -> None:
+        """A finite number in the interval (closed unless `low_open` / `high_open`)."""
+        checks.number_in(f"method.{key}", getattr(self, key), low, high, low_open=low_open, high_open=high_open,
+                         allow_none=allow_none)
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> None:
+        checks.require_choice(getattr(self, key), f"method.{key}", tuple(choices))
+
+    def flag(self, key: str) -> None:
+        checks.flag(f"method.{key}", getattr(self, key))
 
 
 @dataclass

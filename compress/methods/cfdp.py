@@ -34,7 +34,7 @@ from torch import nn
 
 from compress import CompressError
 from compress.methods.base import Context
-from compress.checks import is_count, is_number, require, require_choice
+from compress.checks import int_in, number_in, require_choice
 from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.features import FEATURES, feature_scores
 
@@ -120,12 +120,10 @@ def check_scoring(variant: str, lam: float, block: int | None, sigma: float | No
     """The scorer's arguments, checked in one place for `method=cfdp`'s options and for direct callers of
     `channel_scores` / `frequency_maps` (block and sigma None: the variant's)."""
     require_choice(variant, "method.variant", VARIANTS)
-    require(is_number(lam) and lam >= 0, "method.lam", "a finite number >= 0", lam)
-    require(block is None or is_count(block), "method.block", "an integer >= 1 or null", block)
-    require(sigma is None or (is_number(sigma) and 0 <= sigma <= MAX_SIGMA), "method.sigma",
-            f"a number in [0, {MAX_SIGMA:g}] or null", sigma)
-    require(is_number(truncate) and 0 < truncate <= MAX_TRUNCATE, "method.truncate", f"a number in (0, {MAX_TRUNCATE:g}]",
-            truncate)
+    number_in("method.lam", lam, 0, 1e6)
+    int_in("method.block", block, 1, allow_none=True)
+    number_in("method.sigma", sigma, 0, MAX_SIGMA, allow_none=True)
+    number_in("method.truncate", truncate, 0, MAX_TRUNCATE, low_open=True)
 
 
 def _resolve(variant: str, lam: float, block: int | None, sigma: float | None, truncate: float) -> tuple[int, float]:
@@ -214,10 +212,10 @@ class CFDPOptions(StructuredOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_scoring(self.variant, self.lam, self.block, self.sigma, DEFAULT_TRUNCATE)
-        require(is_count(self.batches), "method.batches", "an integer >= 1", self.batches)
-        require(is_count(self.batch_size), "method.batch_size", "an integer >= 1", self.batch_size)
-        require_choice(self.feature, "method.feature", FEATURES)
-        require(isinstance(self.augment, bool), "method.augment", "true or false", self.augment)
+        self.count("batches")
+        self.count("batch_size")
+        self.choice("feature", FEATURES)
+        self.flag("augment")
 
 
 class CFDP(StructuredPruning):

@@ -35,8 +35,9 @@ from torch.nn.utils import parametrize
 from compress import CompressError
 from compress.checks import is_count, is_number
 from compress.layers import fgf
-from compress.methods.aup import AUP, AUPOptions, globs, matches, pruning_meta, restore_pruning
+from compress.methods.aup import AUP, AUPOptions, pruning_meta, restore_pruning
 from compress.methods.base import Context, Method
+from compress.models.introspect import globs, matches
 from compress.prune.features import run_hooked
 
 log = logging.getLogger("compress")
@@ -141,20 +142,19 @@ class FGFPOptions(AUPOptions):
         self.check(is_count(layers) or isinstance(layers, str) or isinstance(layers, (list, tuple))
               and len(layers) > 0 and all(isinstance(v, str) for v in layers),
               "layers", "a number of layers >= 1, a glob pattern or a list of them")
-        self.check(isinstance(self.skip_strided, bool), "skip_strided", "true or false")
-        self.check(self.convert in CONVERT, "convert", f"one of {', '.join(CONVERT)}")
-        self.check(self.convert_epochs is None or is_count(self.convert_epochs, 1), "convert_epochs",
-                   "null or an integer >= 1")
-        self.check(is_count(self.terms, 1, MAX_TERMS), "terms", f"an integer in [1, {MAX_TERMS}]")
-        self.check(positive(self.step), "step", "a finite number > 0")
-        self.check(self.grid in fgf.GRIDS, "grid", f"one of {', '.join(fgf.GRIDS)}")
-        self.check(isinstance(self.amplitude, bool), "amplitude", "true or false")
-        self.check(is_count(self.fit_steps, 0), "fit_steps", "an integer >= 0")
-        self.check(self.fit in FITS, "fit", f"one of {', '.join(FITS)}")
-        self.check(is_count(self.output_fit_images), "output_fit_images", "an integer >= 1")
-        self.check(is_count(self.output_fit_steps, 0), "output_fit_steps", "an integer >= 0")
-        self.check(positive(self.output_fit_lr), "output_fit_lr", "a finite number > 0")
-        self.check(positive(self.fit_lr), "fit_lr", "a finite number > 0")
+        self.flag("skip_strided")
+        self.choice("convert", CONVERT)
+        self.count("convert_epochs", allow_none=True)
+        self.count("terms", 1, MAX_TERMS)
+        self.number("step", 0, 1e3, low_open=True)
+        self.choice("grid", fgf.GRIDS)
+        self.flag("amplitude")
+        self.count("fit_steps", 0)
+        self.choice("fit", FITS)
+        self.count("output_fit_images")
+        self.count("output_fit_steps", 0)
+        self.number("output_fit_lr", 0, 1e3, low_open=True)
+        self.number("fit_lr", 0, 1e3, low_open=True)
         self.check(isinstance(orders, (list, tuple)) and 1 <= len(orders) <= MAX_RESTARTS
               and all(positive(o) and o < 2 for o in orders), "fit_init_orders", f"1 to {MAX_RESTARTS} orders in (0, 2)")
 

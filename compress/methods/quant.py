@@ -16,10 +16,15 @@ from torch import nn
 
 from compress import CompressError
 from compress.checks import is_count, is_number
-from compress.layers.quant import (ActivationFakeQuant, calibrate_input_ranges, quantise_layers,
-                                   quantised_layers, quantised_storage_bytes)
-from compress.methods.aup import globs, matches
+from compress.layers.quant import (
+    ActivationFakeQuant,
+    calibrate_input_ranges,
+    quantise_layers,
+    quantised_layers,
+    quantised_storage_bytes,
+)
 from compress.methods.base import Context, Method, MethodOptions
+from compress.models.introspect import globs, matches
 
 
 @dataclass

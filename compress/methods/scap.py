@@ -9,13 +9,14 @@ of that layer. The fidelity of channel j is the cosine similarity between a spec
 reconstruction, averaged over the input channels and the calibration images. High fidelity = the channel's
 interaction with its input lies on the low-dimensional manifold the autoencoder captured = compressible.
 
-Importance (higher = keep) is built on one [0, 1] scale in every layer, whatever the raw fidelities:
-`importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)`, minmax taken over the
-channels of a layer (the layer's most compressible channel 0, its least compressible 1; l1: filter L1
-norms). Convs tied by residual additions share one channel group: their two terms are averaged over the
-group's convs and min-maxed again over the group before fusing (`SCAP.group_scores`), so every group
-spans [0, 1] too. Channels whose importance is >= `threshold` are kept: 0 keeps all, larger prunes
-more, 1 keeps only each group's best. A layer whose values are all equal gives every channel 1 (keep).
+Importance (higher = keep), by one of issue 26's readings (compress/prune/importance.py, docs/scap.md):
+the default `normalise: raw` is `(1 - l1_weight) * (1 - fidelity) + l1_weight * minmax(l1)` on the
+centred fidelity (`ae_center`), one scale in every layer and network (l1: filter L1 norms, min-maxed per
+layer); `minmax_layer` (the rule before issue 26) min-maxes `1 - fidelity` per layer as well, and a
+coupled group's terms (convs tied by residual additions) are averaged and min-maxed again over the group
+(`SCAP.group_scores`); the other readings average the fused importance over the group. Channels whose
+importance is >= `threshold` are kept (0 keeps all), each group keeping at least `1 - compress_rate` of
+its channels (the default 0.9: 10 %). A layer whose min-maxed values are all equal gives every channel 1.
 A silent channel (maps next to zero on every calibration image, e.g. ReLU-dead) gets no fidelity (NaN):
 its fidelity term is 0 and it stays out of its layer's range. In rounds, every round renormalises the
 remaining channels, so a threshold prunes again each round: bound the total with `compress_rate`.
@@ -43,6 +44,8 @@ from compress import CompressError
 from compress.checks import is_count, is_number, require
 from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.features import FEATURES, run_hooked
+from compress.prune.importance import (  # noqa: F401 (the importance helpers, re-exported)
+    DEGENERATE, L1_NORMS, NORMALISE, fidelity_term, fidelity_terms, fuse, importance, l1_term, minmax)
 
 SPECTRA = ("log", "magnitude", "power")
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
@@ -254,10 +257,13 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 # -- per-layer sampling and scoring (called inside forward hooks) ---------------------------------------------
 @dataclass
 class SpectrumOptions:
-    spectrum: str = "log"
-    resize: str = "nearest"
-    balance: str = "channel"
-    output: str = "relu"
+    """How a layer's field becomes spectra: `method.spectrum`, `resize`, `balance`, `output` (SCAPOptions
+    holds their defaults)."""
+
+    spectrum: str
+    resize: str
+    balance: str
+    output: str
 
 
 def layer_planes(x: torch.Tensor, y: torch.Tensor, opts: SpectrumOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,55 +310,6 @@ def filter_l1(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().flatten(1).sum(1).float().cpu()
 
 
-# Values of a layer whose spread is at most this fraction of their magnitude count as all equal: float
-# rounding (about 1e-7 relative in float32) must not be stretched into a ranking.
-DEGENERATE = 1e-6
-
-
-def minmax(values: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise (C,) to [0, 1]: the smallest value -> 0, the largest -> 1.
-
-    Degenerate (every finite value equal, up to `DEGENERATE` of their magnitude): all 1 -- no value
-    tells the channels apart, so none is marked for pruning. Non-finite values (NaN, +-inf) -> 0, the
-    least important (the engine ranks NaN lowest too), and they do not count towards the range.
-    """
-    values = values.detach().float()
-    finite = torch.isfinite(values)
-    out = torch.zeros_like(values)
-    if not bool(finite.any()):
-        return out
-    kept = values[finite]
-    low, high = kept.min(), kept.max()
-    span = high - low
-    if float(span) <= DEGENERATE * float(torch.maximum(high.abs(), low.abs())):  # includes span 0
-        out[finite] = 1.0
-        return out
-    out[finite] = ((kept - low) / span).clamp_(0.0, 1.0)
-    return out
-
-
-def fidelity_term(fidelity: torch.Tensor) -> torch.Tensor:
-    """`minmax(1 - fidelity)` within a layer (computed as minmax(-fidelity), which is the same); a silent
-    channel's NaN fidelity -> 0."""
-    return minmax(-fidelity)
-
-
-def fuse(fidelity_part: torch.Tensor, l1_part: torch.Tensor, l1_weight: float) -> torch.Tensor:
-    """Convex fusion of two [0, 1] terms: `(1 - l1_weight) * fidelity_part + l1_weight * l1_part`.
-    A weight of exactly 0 or 1 uses one term alone."""
-    if l1_weight == 0:
-        return fidelity_part.clone()
-    if l1_weight == 1:
-        return l1_part.clone()
-    return (1 - l1_weight) * fidelity_part + l1_weight * l1_part
-
-
-def importance(fidelity: torch.Tensor, l1: torch.Tensor, l1_weight: float) -> torch.Tensor:
-    """One layer's channel importance in [0, 1], higher = keep:
-    `(1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(l1)` (l1: raw filter L1 norms)."""
-    return fuse(fidelity_term(fidelity), minmax(l1), l1_weight)
-
-
 # A channel whose maps' RMS over the calibration images is at most this fraction of its layer's loudest is
 # silent (a ReLU-dead channel is exactly 0).
 SILENT = 1e-6
@@ -374,14 +331,17 @@ def silent_channels(mean_power: torch.Tensor) -> torch.Tensor:
 # -- two passes over the calibration data ---------------------------------------------------------------------
 @dataclass
 class AutoencoderOptions:
-    hidden: int = 8
-    ratio: float = 0.25  # the bottleneck is never wider than this fraction of the spectrum length
-    epochs: int = 10
-    lr: float = 1e-2
-    batch_size: int = 256
-    samples: int = 4096
-    loss: str = "mse"
-    center: bool = False
+    """The autoencoders' training: `method.ae_<key>` (SCAPOptions holds their defaults); `ratio` caps the
+    bottleneck at that fraction of the spectrum length."""
+
+    hidden: int
+    ratio: float
+    epochs: int
+    lr: float
+    batch_size: int
+    samples: int
+    loss: str
+    center: bool
 
 
 def layer_fidelities(
@@ -468,13 +428,18 @@ class SCAPOptions(StructuredOptions):
     a layer still keeps one channel)."""
 
     name: str = "scap"
-    # with a threshold: the most a group may lose (1.0: no cap, one channel always stays); without: the rate spec
-    compress_rate: Any = 1.0
+    # with a threshold: the most a group may lose (0.9: every layer keeps at least 10 % of its channels, issue 26's
+    # reading; 1.0: no cap, one channel always stays); without: the rate spec
+    compress_rate: Any = 0.9
     # in [0, 1]: keep the channels whose normalised importance is >= threshold (0: keep all; 1: each group's
     # best only; the paper: 0.6); null: rate spec only
     threshold: Optional[float] = 0.6
-    # in [0, 1]: importance = (1 - l1_weight) * minmax(1 - fidelity) + l1_weight * minmax(filter L1 norm)
-    l1_weight: float = 0.0
+    # how the fidelity becomes the importance's [0, 1] term (compress/prune/importance.py): raw (1 - fidelity) |
+    # minmax_layer (min-max of 1 - fidelity per layer: the rule before issue 26) | minmax_global | rank_global
+    normalise: str = "raw"
+    # in [0, 1]: importance = (1 - l1_weight) * fidelity term + l1_weight * L1 term
+    l1_weight: float = 0.25
+    l1_norm: str = "minmax"  # the layer-normalised filter L1 norm: minmax (per layer) | max (over the layer's largest)
     spectrum: str = "log"  # log: log(1+|F|) | magnitude: |F| | power: |F|^2 ; each spectrum then scaled to unit L2 norm
     output: str = "relu"  # relu: Y = relu(BN(conv output)) | conv: the conv's raw output
     # per image, scale to unit RMS: channel (X as a whole, each Y_j alone) | layer (Y as a whole) | none
@@ -487,7 +452,7 @@ class SCAPOptions(StructuredOptions):
     ae_batch_size: int = 256  # ... minibatch size ...
     ae_samples: int = 4096  # ... and number of training spectra per layer, random (image, out, in) planes
     ae_loss: str = "mse"  # mse | cosine (1 - cosine similarity)
-    ae_center: bool = False  # subtract the layer's mean training spectrum before the autoencoder (and the cosine)
+    ae_center: bool = True  # subtract the layer's mean training spectrum before the autoencoder (and the cosine)
     batches: int = 4  # calibration batches ...
     batch_size: int = 64  # ... of this many training images (256 images)
     chunk_size: Optional[int] = 8  # output channels whose spectra are built at once (memory vs. speed); null: whole layer
@@ -498,8 +463,8 @@ class SCAPOptions(StructuredOptions):
                 self.threshold)
         require(is_number(self.l1_weight) and 0 <= self.l1_weight <= 1, "method.l1_weight", "a number in [0, 1]",
                 self.l1_weight)
-        for key, choices in (("spectrum", SPECTRA), ("output", OUTPUTS), ("balance", BALANCES),
-                             ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
+        for key, choices in (("normalise", NORMALISE), ("l1_norm", L1_NORMS), ("spectrum", SPECTRA),
+                             ("output", OUTPUTS), ("balance", BALANCES), ("resize", RESIZE_MODES), ("ae_loss", AE_LOSSES)):
             self.check(getattr(self, key) in choices, key, f"one of {', '.join(choices)}")
         for key in ("ae_hidden", "ae_batch_size", "batches", "batch_size"):
             self.check(is_count(getattr(self, key)), key, "an integer >= 1")
@@ -559,13 +524,15 @@ class SCAP(StructuredPruning):
         )
 
     def layer_terms(self, model, ctx, layers) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per layer, the two normalised terms of the importance: minmax(1 - fidelity), minmax(filter L1).
-        The fidelity pass runs only when its weight is not 0 (l1_weight 1 is plain L1 on this scale)."""
+        """Per layer, the two [0, 1] terms of the importance: the fidelity term (`method.normalise`) and the
+        L1 term (`method.l1_norm`). The fidelity pass runs only when its weight is not 0 (l1_weight 1 is
+        plain L1 on this scale)."""
+        opts = self.options
         if self.l1_weight < 1:
-            fidelity = {name: fidelity_term(f) for name, f in self.fidelities(model, ctx, layers).items()}
+            fidelity = fidelity_terms(self.fidelities(model, ctx, layers), opts.normalise)
         else:
             fidelity = {name: torch.zeros(conv.out_channels) for name, conv in layers.items()}
-        l1 = {name: minmax(filter_l1(conv.weight)) for name, conv in layers.items()}
+        l1 = {name: l1_term(filter_l1(conv.weight), opts.l1_norm) for name, conv in layers.items()}
         return fidelity, l1
 
     def channel_scores(self, model, ctx, layers):
@@ -575,9 +542,11 @@ class SCAP(StructuredPruning):
 
     def group_scores(self, model, ctx, plan, groups, layers) -> dict[str, torch.Tensor]:
         """Importance per channel group on [0, 1]: each term averaged over the group's convs (the engine's
-        `group_scores`), min-maxed again over the group, then fused. A one-conv group gets exactly its
-        layer's `channel_scores`; a coupled group (residual additions) spans [0, 1] as well, so the one
-        `threshold` means the same in both."""
+        `group_scores`), then fused. Under `normalise: minmax_layer` each averaged term is min-maxed again
+        over the group first, so a coupled group (residual additions) spans [0, 1] like a single layer
+        (a one-conv group gets exactly its layer's `channel_scores`); the other readings keep their
+        network-wide scale, which a re-normalisation would undo."""
         fidelity, l1 = self.layer_terms(model, ctx, layers)
         fidelity_g, l1_g = plan.group_scores(fidelity, groups), plan.group_scores(l1, groups)
-        return {g: fuse(minmax(fidelity_g[g]), minmax(l1_g[g]), self.l1_weight) for g in groups}
+        rescale = minmax if self.options.normalise == "minmax_layer" else (lambda t: t)
+        return {g: fuse(rescale(fidelity_g[g]), rescale(l1_g[g]), self.l1_weight) for g in groups}

@@ -49,9 +49,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from compress import CompressError
-from compress.checks import is_count, is_number, require, require_choice
-from compress.measure import count_macs, count_params
+from compress.checks import is_number, require
+from compress.deploy.measure import count_macs, count_params
 from compress.methods.base import Context, Method, MethodOptions
 from compress.prune import allocation, engine
 from compress.prune.features import FEATURES, feature_scores
@@ -60,7 +59,6 @@ from compress.prune.rates import RateSpec, paper_rate, round_down, round_up
 
 
 ALLOCATIONS = ("uniform", "global")
-TARGETS = {"target_macs": "macs", "target_params": "params"}  # option -> cost metric
 # One-shot passes towards a target: the cost model is exact for conv/linear/BN networks, so one pass lands;
 # a further pass corrects (from the measured cost) whatever an unusual layer type makes it miss.
 TARGET_PASSES = 3
@@ -88,7 +86,7 @@ class StructuredOptions(MethodOptions):
         remaining channels (at least one), never going past the target given by the rate spec; with a
         target, each round lowers the cost by `step_rate * step_scale` of the way from the baseline to it.
     target_macs / target_params: keep this fraction of the baseline's MACs / parameters (measured as
-        compress.measure does), within 1 % of the target (`allocation.TOLERANCE`); see docs/structured-pruning.md.
+        compress.deploy.measure does), within 1 % of the target (`allocation.TOLERANCE`); see docs/structured-pruning.md.
     allocation: with a target, how channels are taken across groups: uniform | global.
     min_keep: with a target, the fraction of its original channels every group keeps at least.
     """
@@ -118,24 +116,19 @@ class StructuredOptions(MethodOptions):
     def __post_init__(self) -> None:
         # Not a field: the parsed form of `compress_rate` (None = "paper"), for the method.
         self.rate_spec = parse_compress_rate(self.compress_rate)
-        require(self.threshold is None or is_number(self.threshold), "method.threshold", "a finite number or null",
-                self.threshold)
-        require(is_number(self.step_rate) and 0 < self.step_rate <= 1, "method.step_rate", "a number in (0, 1]",
-                self.step_rate)
-        for key in ("target_macs", "target_params"):
-            value = getattr(self, key)
-            require(value is None or (is_number(value) and 0 < value < 1), f"method.{key}",
-                    "null or the fraction of the baseline to keep, in (0, 1)", value)
-        require(self.target_macs is None or self.target_params is None, "method.target_params",
-                "null when method.target_macs is set (one target at a time)", self.target_params)
+        self.check(self.threshold is None or is_number(self.threshold), "threshold", "a finite number or null")
+        self.number("step_rate", 0, 1, low_open=True)
+        for key in ("target_macs", "target_params"):  # the fraction of the baseline to keep
+            self.number(key, 0, 1, low_open=True, high_open=True, allow_none=True)
+        self.check(self.target_macs is None or self.target_params is None, "target_params",
+                   "null when method.target_macs is set (one target at a time)")
         targeted = self.target_macs is not None or self.target_params is not None
-        require(self.threshold is None or not targeted, "method.threshold",
-                "null when method.target_macs / method.target_params is set (a budget target decides how many "
-                "channels go)", self.threshold)
-        require_choice(self.allocation, "method.allocation", ALLOCATIONS)
-        require(is_number(self.min_keep) and 0 < self.min_keep <= 1, "method.min_keep", "a number in (0, 1]",
-                self.min_keep)
-        require(is_count(self.round_to), "method.round_to", "an integer >= 1 (1: widths not rounded)", self.round_to)
+        self.check(self.threshold is None or not targeted, "threshold",
+                   "null when method.target_macs / method.target_params is set (a budget target decides how many "
+                   "channels go)")
+        self.choice("allocation", ALLOCATIONS)
+        self.number("min_keep", 0, 1, low_open=True)
+        self.count("round_to")  # 1: widths not rounded
 
 
 class StructuredPruning(Method):
@@ -156,9 +149,10 @@ class StructuredPruning(Method):
         self._original_channels: dict[str, int] = {}  # group name -> channels before any pruning
         # Budget target: the option's name, the fraction of the baseline to keep, the cost it counts.
         opts = self.options
-        self.target_key = next((key for key in TARGETS if getattr(opts, key) is not None), None)
-        self.target = None if self.target_key is None else float(getattr(opts, self.target_key))
-        self.metric = TARGETS.get(self.target_key)
+        self.budget = allocation.Target.of(opts)
+        self.target_key = None if self.budget is None else self.budget.key
+        self.target = None if self.budget is None else self.budget.fraction
+        self.metric = None if self.budget is None else self.budget.metric
         if self.target is not None and self.rates is None:
             self.rates = RateSpec(uniform=1.0, text="1.0")  # with a target, "paper" means: every group, no cap
         # Checked here, not in the options: method=torch_pruning shares the options and ranks globally at a rate.
@@ -314,11 +308,7 @@ class StructuredPruning(Method):
         lowest = float(cost.cost(cost.widths_of(floors)))
         if lowest > self.target * baseline * (1 + allocation.TOLERANCE):
             capped = "" if self.options.compress_rate == "paper" else ", within method.compress_rate's caps"
-            raise CompressError(
-                f"method.{self.target_key}: {self.target:g} of the baseline's {self.metric} is out of reach: with every "
-                f"prunable group at its floor (method.min_keep={self.options.min_keep:g} of its channels, at least "
-                f"one{capped}) they are {lowest / baseline:.4f} of it"
-            )
+            raise self.budget.out_of_reach(lowest / baseline, self.options.min_keep, capped)
 
     def _baseline_cost(self, model: nn.Module, ctx: Context) -> int:
         """The target's cost of the model before any pruning: recorded (state_dict) the first time."""
@@ -327,7 +317,7 @@ class StructuredPruning(Method):
         return self._baseline[self.metric]
 
     def _cost(self, model: nn.Module, ctx: Context) -> int:
-        """The target's cost of the model now, by the project's counters (compress.measure)."""
+        """The target's cost of the model now, by the project's counters (compress.deploy.measure)."""
         return count_macs(model, ctx.input_shape) if self.metric == "macs" else count_params(model)
 
     def _log_target(self, model: nn.Module, ctx: Context, plan: "engine.PruningPlan", achieved: float, final: float,
@@ -409,8 +399,7 @@ class RandomOptions(StructuredOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        in_range = is_count(self.seed, minimum=-(2**63)) and self.seed < 2**64  # what torch.Generator takes
-        require(self.seed is None or in_range, "method.seed", "an integer in [-2^63, 2^64) or null", self.seed)
+        self.count("seed", -(2**63), 2**64 - 1, allow_none=True)  # what torch.Generator takes
 
 
 class RandomPruning(StructuredPruning):
@@ -436,9 +425,9 @@ class HRankOptions(StructuredOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_choice(self.feature, "method.feature", FEATURES)
-        require(is_count(self.batches), "method.batches", "an integer >= 1", self.batches)
-        require(is_count(self.batch_size), "method.batch_size", "an integer >= 1", self.batch_size)
+        self.choice("feature", FEATURES)
+        self.count("batches")
+        self.count("batch_size")
 
 
 class HRankPruning(StructuredPruning):

@@ -9,7 +9,7 @@ Three parts, used by `StructuredPruning` when `method.target_macs` / `method.tar
   Torch-Pruning's dependency graph gives (a channel of a group is one input channel of the next conv, one
   slice of a concatenation, `H*W` inputs of a Linear after a flatten...). What the model does not depend
   on (other layers, ops the counter sees but no group touches) is a constant `offset`, calibrated against
-  the real counter (`compress.measure`) at the current widths. For conv/linear/BN networks (the CIFAR
+  the real counter (`compress.deploy.measure`) at the current widths. For conv/linear/BN networks (the CIFAR
   ResNets, VGG, GoogLeNet, torchvision ResNets) the prediction equals `count_macs` / `count_params` of the
   pruned model exactly (tests/test_prune_targets.py).
 - Removal orders (`Events`): every channel a group may lose is one event; `uniform_order` sorts the
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from compress import CompressError
 from compress.prune.rates import keep_count, round_up
+from compress.models.introspect import evaluating, model_device
 
 TOLERANCE = 0.01  # a target is met when the measured cost is within 1 % of it (relative to the target)
 AIM = 0.005  # what the search aims at
@@ -47,16 +49,53 @@ METRICS = ("macs", "params")
 _F64 = torch.float64
 
 
+TARGET_KEYS = {"target_macs": "macs", "target_params": "params"}  # method option -> the cost it counts
+
+
 def within(cost: float, target: float, tolerance: float = TOLERANCE) -> bool:
     return abs(cost - target) <= tolerance * target
+
+
+@dataclass(frozen=True)
+class Target:
+    """A budget target as the method options give it: `key` (target_macs / target_params), the fraction of
+    the baseline to keep, and the `metric` it counts. Shared by the structured methods and the
+    Torch-Pruning peer, so both read, meet and refuse a target the same way."""
+
+    key: str
+    fraction: float
+    metric: str
+
+    @classmethod
+    def of(cls, options) -> "Target | None":
+        """The options' target (the first of TARGET_KEYS that is set), or None without one."""
+        key = next((k for k in TARGET_KEYS if getattr(options, k, None) is not None), None)
+        return None if key is None else cls(key, float(getattr(options, key)), TARGET_KEYS[key])
+
+    def met(self, kept_fraction: float, tolerance: float = TOLERANCE) -> bool:
+        """Whether a model keeping `kept_fraction` of the baseline's cost meets the target."""
+        return within(kept_fraction, self.fraction, tolerance)
+
+    def out_of_reach(self, lowest_fraction: float, min_keep: float, capped: str = "") -> CompressError:
+        """The one-line refusal when even every group at its floor keeps more than the target."""
+        return CompressError(
+            f"method.{self.key}: {self.fraction:g} of the baseline's {self.metric} is out of reach: with every "
+            f"prunable group at its floor (method.min_keep={min_keep:g} of its channels, at least one{capped}) "
+            f"they are {lowest_fraction:.4f} of it")
+
+
+def min_keep_floor(channels: int, min_keep: float, least: int = 1) -> int:
+    """`min_keep` of a group's `channels`, rounded up, at least `least`, at most `channels`."""
+    share = math.ceil(min_keep * channels - 1e-9)  # 0.1 * 30 is 3.0000000000000004 in floats
+    return min(channels, max(least, share))
 
 
 def floor_channels(original: int, current: int, rate: float, min_keep: float, unit: int = 1, least: int = 1) -> int:
     """The fewest channels a group may keep under a target: `min_keep` of its original width (rounded up),
     what its rate allows (`compress_rate` caps the fraction removed; rate 0: not pruned), at least `least`
     (one; two per slice of a grouped conv), rounded up to a multiple of `unit`, and never more than it has now."""
-    share = math.ceil(min_keep * original - 1e-9)  # 0.1 * 30 is 3.0000000000000004 in floats
-    return round_up(max(least, share, keep_count(original, rate)), current, unit)
+    share = max(least, math.ceil(min_keep * original - 1e-9))
+    return round_up(max(share, keep_count(original, rate)), current, unit)
 
 
 Units = int | dict  # one block size for every group, or group name -> its own (grouped convs: engine.PruningPlan.units)
@@ -128,7 +167,7 @@ class CostModel:
 
     @classmethod
     def build(cls, plan, input_shape: Sequence[int], metric: str, measured: float) -> "CostModel":
-        """The cost model of `plan`'s model now; `measured`: its cost by `compress.measure` (sets `offset`)."""
+        """The cost model of `plan`'s model now; `measured`: its cost by `compress.deploy.measure` (sets `offset`)."""
         if metric not in METRICS:
             raise ValueError(f"unknown cost metric {metric!r}")
         model = plan.model
@@ -188,15 +227,12 @@ def _output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[int,
         counts[id(module)] = counts.get(id(module), 0) + output.numel() // width
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
+        with evaluating(model):
+            model(torch.zeros(1, *input_shape, device=model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return counts
 
 

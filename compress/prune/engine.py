@@ -36,6 +36,7 @@ from compress import CompressError
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune import layouts
 from compress.prune.rates import KEY, RateSpec, keep_count, round_up
+from compress.models.introspect import evaluating, model_device
 
 META_FORMAT = "structured-pruning/1"
 
@@ -70,10 +71,6 @@ class ShortcutAPruner(tp.pruner.BasePruningFunc):
         return layer.in_channels
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def route_shortcuts(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Turn every ShortcutA still in padding form into explicit routes (widths seen in one forward)."""
     pending = [m for m in model.modules() if isinstance(m, ShortcutA) and not m.routed]
@@ -81,19 +78,16 @@ def route_shortcuts(model: nn.Module, input_shape: tuple[int, ...]) -> None:
         return
     seen: dict[int, int] = {}
     handles = [m.register_forward_pre_hook(lambda m, inp: seen.__setitem__(id(m), inp[0].shape[1])) for m in pending]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=_model_device(model)))
+        with evaluating(model), torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     for module in pending:
         if id(module) in seen:
             module.set_padding_routes(seen[id(module)])
-        module.to(_model_device(model))
+        module.to(model_device(model))
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
@@ -117,16 +111,11 @@ class PruningPlan:
         if spec.listed is not None:
             layouts.decouple_for_list(model)
         route_shortcuts(model, input_shape)
-        example = torch.randn(1, *input_shape, device=_model_device(model))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example, customized_pruners={ShortcutA: ShortcutAPruner()}, verbose=False
-                )
-        finally:
-            model.train(was_training)
+        example = torch.randn(1, *input_shape, device=model_device(model))
+        with evaluating(model), torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, customized_pruners={ShortcutA: ShortcutAPruner()}, verbose=False
+            )
         convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         name_of = {id(m): name for name, m in convs.items()}
         members: dict[str, list[str]] = {}
@@ -321,7 +310,7 @@ def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.
             raise CompressError(f"arch.checkpoint: pruned model has a shortcut '{name}' this architecture lacks") from exc
         shortcut = current if isinstance(current, ShortcutA) else ShortcutA(0, 0, stride=int(spec["stride"]))
         shortcut.set_routes(spec["in_channels"], spec["out_channels"], spec["in_index"], spec["out_index"])
-        _set_module(model, name, shortcut.to(_model_device(model)))
+        _set_module(model, name, shortcut.to(model_device(model)))
     return model
 
 

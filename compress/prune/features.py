@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compress import CompressError
+from compress.models.introspect import evaluating
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 FEATURES = ("conv", "relu")
@@ -66,11 +67,9 @@ def run_hooked(
             for module in model.modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm)
         ]
-    was_training = model.training
-    model.eval()
     seen_batches = 0
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for batch in batches:
                 model(batch)
                 for name, layer_input, output in pending.values():  # layers not followed by a BatchNorm
@@ -80,7 +79,6 @@ def run_hooked(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if seen_batches == 0:
         raise CompressError("method.batches: no calibration batches were given")
     return seen_batches

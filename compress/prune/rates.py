@@ -15,13 +15,13 @@ rate can hang a run or exhaust memory: the largest architecture here takes a few
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from compress import CompressError
+from compress.models.introspect import matches
 
 KEY = "method.compress_rate"
 MAX_TEXT = 10_000  # characters of a rate string, and of a layer-name pattern
@@ -165,7 +165,7 @@ class RateSpec:
         """Rate of the first pattern matching any of `layer_names` (None: no pattern matches)."""
         names = list(layer_names)
         for pattern, rate in self.patterns or ():
-            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            if any(matches(name, (pattern,)) for name in names):
                 return rate
         return None
 

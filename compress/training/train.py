@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress import CompressError, distributed, runtime
+from compress import CompressError
+from compress.job import runtime
+from compress.training import distributed
 from compress.config import ScheduleConfig
 from compress.data.base import Split
 
@@ -30,7 +32,7 @@ def autocast(device: torch.device, enabled: bool):
 
 def training_autocast(device: torch.device, enabled: bool):
     """The training steps' context (forward, loss, a distillation teacher's forward): bfloat16 autocast on
-    CUDA, and on a CPU with native bfloat16 (compress.runtime.training_dtype), when `enabled`
+    CUDA, and on a CPU with native bfloat16 (compress.job.runtime.training_dtype), when `enabled`
     (schedule.amp); float32 otherwise."""
     dtype = runtime.training_dtype(device, enabled)
     if dtype is None:
@@ -214,7 +216,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
     if distributed.world_size() > sched.batch_size:
         raise CompressError(f"schedule.batch_size: {sched.batch_size} images cannot be split over "
                             f"{distributed.world_size()} data-parallel ranks")
-    # Data-parallel under torchrun: each rank steps on its shard of the global batch (compress/distributed.py).
+    # Data-parallel under torchrun: each rank steps on its shard of the global batch (compress/training/distributed.py).
     step_model = distributed.wrap(model, device)
     # torch.compile (inductor) on CUDA and CPU, opt-in: on the CPU it pays back only with a warm cache
     # (docs/training-speed.md). Evaluation runs `model`, eagerly.

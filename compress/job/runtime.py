@@ -108,7 +108,7 @@ def _onednn_bf16() -> bool:
 def training_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """The autocast dtype of training steps (schedule.amp): bfloat16 on CUDA, and on a CPU with native
     bfloat16; None (float32) when amp is off or the CPU would emulate it. Evaluation is never autocast on
-    the CPU (compress.train.evaluate)."""
+    the CPU (compress.training.train.evaluate)."""
     if not amp:
         return None
     if device.type == "cuda":

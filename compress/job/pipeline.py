@@ -4,7 +4,7 @@
     recovery fine-tune and rounds of `step` + fine-tune + validate with rollback) -> fine-tune -> final row
     -> model.pt
 
-Each stage's row and state go through the run ledger (compress/ledger.py), so an interrupted run resumes
+Each stage's row and state go through the run ledger (compress/job/ledger.py), so an interrupted run resumes
 after its last finished stage or fine-tuning epoch without duplicating rows. The pipeline knows methods
 only through the contract and capabilities of `compress.methods.base.Method`.
 """
@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import (CompressError, attacks, checkpoints, data as datasets, distributed, layers, measure, methods,
-                      results, runtime, sources, train)
+from compress import CompressError, data as datasets, layers, methods
+from compress.deploy import attacks, measure
+from compress.job import checkpoints, runtime, sources
+from compress.report import results
+from compress.training import distributed, train
 from compress.config import Config, ScheduleConfig
-from compress.ledger import RunLedger, fingerprint
+from compress.job.ledger import RunLedger, fingerprint
 from compress.methods.base import Context, Method
-from compress.rounds import IterativeSchedule
+from compress.job.rounds import IterativeSchedule
 
 log = logging.getLogger("compress")
 
@@ -128,10 +131,12 @@ class Run:
         row = self._row(stage, produced, started, status) if measure_it else self._same_as_last(stage, started)
         if stage == "final":
             row.update(self._rounds_summary())
-        if stage == "final" and self.config.measure.attacks:  # robust top-1 columns (compress/attacks.py)
+        if stage == "final" and self.config.measure.attacks:  # robust top-1 columns (compress/deploy/attacks.py)
             c = self.config
             row.update(attacks.robust_columns(produced, self.data.test, c.measure, mean=self.data.mean, std=self.data.std,
                                               seed=c.seed, amp=c.schedule.amp, device=self.device))
+        if stage == "final" and self.config.measure.int8 and distributed.is_main():  # compress/deploy/int8.py
+            row.update(self._int8_columns(produced))
         self._record(row, produced, **({"baseline_val_top1": row["val_top1"]} if stage == "baseline" else {}))
         return produced
 
@@ -260,6 +265,22 @@ class Run:
             loaded = self.teacher if self.teacher is not None else sources.starting_model(self.config, self.data, self.device)
             self._reference = measure.deployable_cpu(loaded)
         return self._reference
+
+    def _int8_columns(self, model: nn.Module) -> dict:
+        """The final model as `compress export --int8` makes it: its top-1 beside the float export's and the
+        ONNX Runtime speed-ups. A model that misses the tolerance still gets its columns (the row records it)."""
+        from compress.deploy import int8
+
+        m = self.config.measure
+        calibration, _ = int8.draw(self.data.train, m.int8_calibration)
+        images, labels = int8.draw(self.data.test, m.int8_test_images)
+        cpu_model = layers.clone(model).cpu().eval()
+        done = int8.build(cpu_model, self.data.image_shape, calibration.cpu(), images.cpu(), labels.cpu(),
+                          f"{len(images)} test images", threads=self.config.threads, repeats=m.latency_repeats,
+                          tolerance=float("inf"), time_it=m.latency)
+        log.info("int8: top-1 %.2f (float export %.2f), ONNX Runtime speed-up b1 %.2fx, b64 %.2fx on %s",
+                 done.int8_top1, done.float_top1, done.speedup[1], done.speedup[64], done.cpu)
+        return done.columns()
 
     def _rounds_summary(self) -> dict:
         """For the final row of an iterative run: how many rounds were accepted and rolled back."""

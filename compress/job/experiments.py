@@ -21,7 +21,7 @@ The table's columns: `name`; `table` (the paper's table); `arch`; `dataset` (cif
 (cos: CosConv | cheb: ChebConv | empty: a Conv2D row, no series); `harmonics` as the paper writes them
 ("3,3,2,2": one order per group, see docs/approxconv.md; "7x3,7x3,5x9,4x3": ConvNeXt's order x blocks;
 empty: nothing approximated); `quant_bits` (empty: no quantisation); `paper_row` (the id of the row in
-`configs/tables/published.csv`, `compress.papers`, that the experiment reproduces); the paper's printed numbers
+`configs/tables/published.csv`, `compress.report.papers`, that the experiment reproduces); the paper's printed numbers
 `paper_pre_top1` (before fine-tuning), `paper_post_top1`, `paper_quant_top1` (Table 4: top-1 after
 quantisation-aware fine-tuning), `paper_params_m` (millions), `paper_size_mb`; and a `note` on them.
 

@@ -29,9 +29,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from compress import CompressError, checkpoints, distributed, methods, models, train
+from compress import CompressError, methods, models
+from compress.job import checkpoints
+from compress.training import distributed, train
 from compress.config import DatasetConfig, ScheduleConfig
 from compress.data.base import Data
+from compress.models.introspect import classifier
 
 log = logging.getLogger("compress")
 
@@ -171,7 +174,7 @@ def _num_classes(arch: "str | models.Spec", state_dict: dict) -> int:
     """The classifier's width, read from the saved weights (the last Linear of the architecture): for files
     that do not record `num_classes` (written before it was stored)."""
     probe = models.build(arch, 10)
-    last = [name for name, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
+    last = classifier(probe)[0]
     # `<last>.weight`, or its parametrized original (`<last>.parametrizations.weight.original`: quantised)
     weights = [v for k, v in state_dict.items() if k.startswith(f"{last}.") and k.endswith(("weight", "original"))
                and getattr(v, "dim", lambda: 0)() == 2]
@@ -203,25 +206,33 @@ def load_saved(path: Path) -> Saved:
     return Saved(model.eval(), spec.label, packed.get("method", ""), input_shape, config)
 
 
+def run_data(saved: Saved):
+    """The run's data set (compress.data.Data, normalised as in training, on the CPU), or None when the run
+    names none that can be found here (no run config, synthetic data, the files absent)."""
+    config = saved.config or {}
+    dataset, arch, paths = config.get("dataset"), config.get("arch") or {}, config.get("paths") or {}
+    if not dataset or dataset.get("name") == "synthetic":
+        return None
+    from compress import data as datasets
+    from compress.config import DatasetConfig
+
+    try:  # a null arch.mean / arch.std: computed again, the same way
+        fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+        cfg = DatasetConfig(**{k: v for k, v in dataset.items() if k in fields})
+        search = [p for p in paths.get("data") or [] if isinstance(p, str) and "${" not in p] + ["data", "../shared"]
+        cache = Path(os.environ.get("COMPRESS_CACHE", "~/.cache/compress")).expanduser()
+        return datasets.load(cfg, mean=arch.get("mean"), std=arch.get("std"), search=search, cache_dir=cache,
+                             device=torch.device("cpu"), channels_last=False)
+    except CompressError:
+        return None
+
+
 def check_images(saved: Saved, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """`count` real test images, normalised as in training, when the run's data can be found; otherwise
     seeded random inputs (and the returned label says which)."""
-    config = saved.config or {}
-    dataset, arch, paths = config.get("dataset"), config.get("arch") or {}, config.get("paths") or {}
-    if dataset and dataset.get("name") != "synthetic":  # a null arch.mean / arch.std: computed again, the same way
-        from compress import data as datasets
-        from compress.config import DatasetConfig
-
-        try:
-            fields = {f.name for f in dataclasses.fields(DatasetConfig)}
-            cfg = DatasetConfig(**{k: v for k, v in dataset.items() if k in fields})
-            search = [p for p in paths.get("data") or [] if isinstance(p, str) and "${" not in p] + ["data", "../shared"]
-            cache = Path(os.environ.get("COMPRESS_CACHE", "~/.cache/compress")).expanduser()
-            loaded = datasets.load(cfg, mean=arch.get("mean"), std=arch.get("std"), search=search, cache_dir=cache,
-                                   device=torch.device("cpu"), channels_last=False)
-            images, _ = next(loaded.test.batches(count))
-            return images, f"{len(images)} test images of {loaded.source}"
-        except CompressError:
-            pass  # no data here: the check still runs, on random inputs
+    loaded = run_data(saved)
+    if loaded is not None:
+        images, _ = next(loaded.test.batches(count))
+        return images, f"{len(images)} test images of {loaded.source}"
     g = torch.Generator().manual_seed(seed)
     return torch.randn(count, *saved.input_shape, generator=g), f"{count} random inputs (no data set found)"

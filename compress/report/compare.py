@@ -1,7 +1,7 @@
 """Our runs beside the papers' published numbers: one line per run (`compress compare`,
-`compress report --summary`). Pure functions on pandas tables; the figures are in `compress/plot.py`.
+`compress report --summary`). Pure functions on pandas tables; the figures are in `compress/report/plot.py`.
 
-A run is the rows of one metrics.csv (`compress.results.gather`): `baseline`, `compressed`,
+A run is the rows of one metrics.csv (`compress.report.results.gather`): `baseline`, `compressed`,
 `round_<k>`, `final`. Its line takes `baseline_top1` from the baseline row, `pre_top1` from the
 compressed row, and `top1`, params, MACs and reductions from the final row; a run not finished yet shows
 its last recorded stage instead (column `stage`; a rolled-back round does not count).
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from compress import CompressError
 
-# The published table (configs/tables/published.csv, `compress.papers.published()`): one row per entry
+# The published table (configs/tables/published.csv, `compress.report.papers.published()`): one row per entry
 # of a paper's result table; params and macs are absolute counts.
 PUBLISHED_COLUMNS = ("id", "paper", "table", "row", "arch", "dataset", "method", "setting", "baseline_top1",
                      "pre_top1", "top1", "params", "params_reduction_pct", "macs", "macs_reduction_pct", "note")
@@ -66,7 +66,7 @@ def check_published(table, source: str):
 
 
 def load_published(path: Path | None = None):
-    """The published rows: from `path`, or the package's table (`compress.papers.published()`) when
+    """The published rows: from `path`, or the package's table (`compress.report.papers.published()`) when
     `path` is None."""
     import pandas as pd
 
@@ -79,13 +79,13 @@ def load_published(path: Path | None = None):
         except (OSError, ValueError) as e:
             raise CompressError(f"{path}: not a readable CSV ({_first_line(e)})") from None
         return check_published(table, str(path))
-    from compress import papers
+    from compress.report import papers
 
     try:
         table = papers.published()
     except Exception as e:  # a broken package table: one line, not a traceback
         raise CompressError(f"published table: {_first_line(e)} (or name one with --published FILE)") from None
-    return check_published(table, "compress.papers.published()")
+    return check_published(table, "compress.report.papers.published()")
 
 
 # --- linking a run to its paper row --------------------------------------------------------------
@@ -97,7 +97,7 @@ def experiment_paper_row(name: str) -> str:
     if not name:
         return ""
     try:
-        from compress.experiments import approxconv_rows
+        from compress.job.experiments import approxconv_rows
 
         for row in approxconv_rows():
             if row.name == name and row.paper.get("paper_row", "").strip():
@@ -151,7 +151,7 @@ def runs(table, resolve: Callable[[str], str] | None = None):
 
     resolve = resolve or experiment_paper_row
     if "run_dir" not in table.columns:
-        raise ValueError("runs(): expects compress.results.gather's table (a run_dir column)")
+        raise ValueError("runs(): expects compress.report.results.gather's table (a run_dir column)")
     table = table.copy()
     if "stage" not in table.columns:
         table["stage"] = ""

@@ -16,7 +16,7 @@ COLUMNS = [
     "paper_row",  # the published row the run reproduces (config key paper_row; configs/tables/published.csv)
     "val_from",  # where val_top1's images come from: train (held out of it) or test (a half; top1 on the other)
     "rounds_accepted", "rounds_rolled_back",  # final row of an iterative run: where the schedule ended
-    # baseline latency / this row's, timed in alternation with the baseline (compress/measure.py); and the same
+    # baseline latency / this row's, timed in alternation with the baseline (compress/deploy/measure.py); and the same
     # with both models exported to ONNX and run by ONNX Runtime at batch 1 (measure.ort_latency)
     "speedup_b1", "speedup_b64", "ort_latency_ms_b1", "ort_speedup_b1",
 ]
@@ -35,8 +35,9 @@ def with_reductions(row: dict, baseline: dict | None) -> dict:
 
 
 # Optional columns, after COLUMNS, present only when a run measures them: robust top-1 under attack
-# (`measure.attacks`, compress/attacks.py: robust_top1_<attack>_eps<eps>, on the final row).
-OPTIONAL_PREFIXES = ("robust_top1_",)
+# (`measure.attacks`, compress/deploy/attacks.py: robust_top1_<attack>_eps<eps>, on the final row); the int8 file's
+# top-1 and ONNX Runtime speed-ups (`measure.int8`, compress/deploy/int8.py: int8_top1, int8_speedup_b1, ..., final row).
+OPTIONAL_PREFIXES = ("robust_top1_", "int8_")
 
 
 def columns(rows: Iterable[dict]) -> list[str]:

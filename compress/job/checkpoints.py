@@ -27,7 +27,7 @@ from compress.models import Spec
 FORMAT = "compress-model/1"
 # Checkpoints this project trained and commits (the CIFAR VGG-16-BN): searched after paths.weights, so a
 # config can name them by file name from any working directory.
-PROJECT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+PROJECT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 
 def is_url(spec: str) -> bool:

@@ -149,7 +149,7 @@ def latency_columns(deploy: nn.Module, input_shape: tuple[int, int, int], *, ref
         columns[f"latency_iqr_ms_b{batch}"] = round(timed.iqr_ms[-1], 3)
         columns[f"speedup_b{batch}"] = round(timed.speedup[-1], 3)
     if ort:
-        from compress import export
+        from compress.deploy import export
 
         sessions = [export.ort_session(export.onnx_bytes(m, input_shape), threads) for m in pair]
         x = torch.randn(1, *input_shape)

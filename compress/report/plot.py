@@ -106,7 +106,7 @@ def method_names(compared, published) -> dict[str, str]:
 
 
 def plot(compared, published, path: Path) -> int:
-    """Draw `compress.compare.compare(...)`'s table (and the published rows) into `path`; returns the
+    """Draw `compress.report.compare.compare(...)`'s table (and the published rows) into `path`; returns the
     number of architecture rows drawn."""
     import matplotlib
     from matplotlib.lines import Line2D

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 from compress import CompressError
 from compress.checks import is_number, require, require_choice
 
-log = logging.getLogger("compress.search")
+log = logging.getLogger("compress.job.search")
 
 METRICS = ("macs_reduction_pct", "params_reduction_pct")  # what is maximised: columns of metrics.csv
 ACCURACIES = ("val_top1", "top1")  # which top-1 the drop is measured on

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from compress import CompressError, checkpoints, results
+from compress import CompressError
+from compress.job import checkpoints
+from compress.report import results
 
 log = logging.getLogger("compress")
 

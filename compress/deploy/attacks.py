@@ -17,7 +17,7 @@ taken with respect to the images alone (`torch.autograd.grad`): no parameter's `
 `robust_columns` gives the final row's columns, one per (attack, epsilon): `robust_top1_<attack>_eps<eps>`,
 with eps written as Python writes the float, without a trailing `.0` (`robust_top1_fgsm_eps0`,
 `robust_top1_pgd_eps0.05`, `robust_top1_fgsm_eps0.03137254901960784` for 8/255). Epsilon 0 is the
-clean top-1 of the same images, computed on the batch exactly as `compress.train.evaluate` does.
+clean top-1 of the same images, computed on the batch exactly as `compress.training.train.evaluate` does.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.config import ATTACKS
-from compress.train import autocast
+from compress.training.train import autocast
 
 log = logging.getLogger("compress")
 
@@ -138,9 +138,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
 # -- robust top-1 over a split ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> int:
-    with autocast(x.device, amp):  # as compress.train.evaluate runs the model, so epsilon 0 = clean top-1
+    with autocast(x.device, amp):  # as compress.training.train.evaluate runs the model, so epsilon 0 = clean top-1
         logits = model(x)
-    k = min(5, logits.shape[1])  # top-1 read off top-k exactly as compress.train.evaluate reads it
+    k = min(5, logits.shape[1])  # top-1 read off top-k exactly as compress.training.train.evaluate reads it
     return int(logits.float().topk(k, dim=1).indices[:, 0].eq(y).sum().item())
 
 
