@@ -62,6 +62,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _drop_stale_log_handlers():
+    """Hydra's logging set-up (a run through `cli.main()` in process) attaches a StreamHandler to the
+    sys.stderr of that moment, which is pytest's capture of one test; a later test in the same worker would
+    then log into a closed file and find "--- Logging error ---" in its stderr. Drop such handlers after each
+    test (pytest's own capture handlers it removes itself)."""
+    yield
+    import logging
+
+    for logger in (logging.getLogger(), logging.getLogger("compress")):
+        for handler in list(logger.handlers):
+            if (type(handler) is logging.StreamHandler
+                    and getattr(handler, "stream", None) not in (sys.__stderr__, sys.__stdout__)):
+                logger.removeHandler(handler)
+
+
 @pytest.fixture
 def threads():
     """Torch intra-op threads pinned to 1 for the test (and restored after): results that depend on the
