@@ -25,10 +25,14 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cold-"))
 
-from compress import models
-from compress.job import runtime
+# isort: off
+import compress  # noqa: F401  first: the package sets OMP_WAIT_POLICY before torch loads OpenMP
 import torch
 import torch.nn.functional as F
+# isort: on
+
+from compress import models
+from compress.job import runtime
 
 
 def cpu_seconds() -> float:

@@ -30,16 +30,19 @@ import statistics
 import sys
 import time
 
-from compress import models
-from compress.training import train
+# isort: off
+import compress  # noqa: F401  first: the package sets OMP_WAIT_POLICY before torch loads OpenMP
 import torch
 import torch.nn.functional as F
+# isort: on
 
+from compress import models
 from compress.config import ScheduleConfig
-from compress.job import runtime
-from compress.job.runtime import tune_allocator
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
+from compress.job import runtime
+from compress.job.runtime import tune_allocator
+from compress.training import train
 
 
 def bare_loop(model, images, labels, batch_size, lr):

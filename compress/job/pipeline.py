@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import CompressError, data as datasets, layers, methods
+from compress import CompressError, layers, methods
+from compress import data as datasets
+from compress.config import Config, ScheduleConfig
 from compress.deploy import attacks, measure
 from compress.job import checkpoints, runtime, sources
+from compress.job.ledger import RunLedger, fingerprint
+from compress.job.rounds import IterativeSchedule
+from compress.methods.base import Context, Method
 from compress.report import results
 from compress.training import distributed, train
-from compress.config import Config, ScheduleConfig
-from compress.job.ledger import RunLedger, fingerprint
-from compress.methods.base import Context, Method
-from compress.job.rounds import IterativeSchedule
 
 log = logging.getLogger("compress")
 

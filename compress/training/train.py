@@ -14,10 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress import CompressError
-from compress.job import runtime
-from compress.training import distributed
 from compress.config import ScheduleConfig
 from compress.data.base import Split
+from compress.job import runtime
+from compress.training import distributed
 
 log = logging.getLogger("compress")
 
