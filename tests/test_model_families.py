@@ -4,7 +4,7 @@ on torchvision's families (random weights, 32x32 inputs, 10 classes), as the pip
 - a structured method at `target_macs=0.5` lands within 1 % of half the MACs (compress.deploy.measure's counter);
 - the compressed model runs forward;
 - its `model.pt` (checkpoints.pack, with the builder spec) reloads through sources.load_saved into the same
-  outputs, and `compress export` of it (cli.export_model: ONNX, checked in ONNX Runtime) matches PyTorch.
+  outputs, and `compress export` of it (deploy.commands.export_model: ONNX, checked in ONNX Runtime) matches PyTorch.
 
 `make test` runs a fast subset (regnet_x_400mf under l1: its grouped convs failed before, and the two
 grouped-conv unit tests); `make test-full` the whole matrix (54 cases, ~15 min on 2 shared cores).
@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress import cli, models
+from compress import models
+from compress.deploy.commands import export_model
 from compress.job import checkpoints, sources
 from compress.deploy.measure import count_macs
 from compress.methods import METHODS
@@ -71,7 +72,7 @@ def context(spec: Spec):
 
 def saved_and_exported(tmp_path, spec: Spec, method, model: nn.Module, capsys) -> None:
     """model.pt as the pipeline writes it -> `compress export` of it: the reload gives the same outputs, the
-    ONNX file matches PyTorch (cli.export_model fails with CompressError otherwise)."""
+    ONNX file matches PyTorch (export_model fails with CompressError otherwise)."""
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.eval()(x)
@@ -83,7 +84,7 @@ def saved_and_exported(tmp_path, spec: Spec, method, model: nn.Module, capsys) -
     assert saved.arch == spec.label and saved.input_shape == SHAPE
     with torch.no_grad():
         torch.testing.assert_close(saved.model(x), expected, rtol=0, atol=1e-5)
-    cli.export_model([str(file), "--images", "8"])
+    export_model([str(file), "--images", "8"])
     assert (tmp_path / "model.onnx").is_file() and "checked on" in capsys.readouterr().out
 
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from compress import CompressError, cli, models
+from compress import CompressError, models
+from compress.deploy.commands import export_model
 from compress.job import checkpoints, sources
 from compress.config import compose
 from compress.methods import METHODS
@@ -197,7 +198,7 @@ def test_own_module_runs_prunes_resumes_and_exports(tmp_path, capsys):
                  "measure.ort_latency=false"]), again).execute()
     assert (again / "metrics.csv").read_text().splitlines()[1].split(",")[13] == final["macs"]
 
-    cli.export_model([str(run_dir), "--images", "8"])
+    export_model([str(run_dir), "--images", "8"])
     assert f"({TINY}, method l1)" in capsys.readouterr().out and (run_dir / "model.onnx").is_file()
 
 
