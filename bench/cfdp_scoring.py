@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import sys
-
 import torch
 from torch import nn
 
+from compress.job.runtime import tune_allocator
 from compress.methods import cfdp
 from compress.models import build
 from compress.prune.features import feature_scores
-from compress.job.runtime import tune_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the per-map oracles live beside the tests
@@ -68,8 +67,9 @@ def bench_scorer(rounds: int, images: int) -> None:
     for variant in cfdp.VARIANTS:
         loop_t, vec_t = [], []
         for _ in range(rounds):  # alternate, so that both see the same machine load
-            loop_t.append(seconds(lambda: [bench_loop(t, variant) for t in tensors]))
-            vec_t.append(seconds(lambda: [cfdp.channel_scores(t, variant) for t in tensors], repeats=max(5, 1600 // images)))
+            loop_t.append(seconds(lambda variant=variant: [bench_loop(t, variant) for t in tensors]))
+            vec_t.append(seconds(lambda variant=variant: [cfdp.channel_scores(t, variant) for t in tensors],
+                                 repeats=max(5, 1600 // images)))
         # Agreement on the first images (the tests check it thoroughly; the loop is slow).
         err = max(
             float(((cfdp.channel_scores(part, variant) - expected).abs() / expected).max())

@@ -85,7 +85,8 @@ def case(kind: str, root: str, cache: str, size: int, queue) -> None:
     files = list((Path(cache) / "data").glob("imagefolder-*.pt"))
     queue.put({"seconds": seconds, "peak_rss_mb_over_start": rss_mb() - before,
                "decoded_mb": sum(s.images.numel() for s in (data.train, data.val, data.test)) / 2**20,
-               "cache_file_mb": sum(f.stat().st_size for f in files) / 2**20, "images": len(data.train) + len(data.val) + len(data.test),
+               "cache_file_mb": sum(f.stat().st_size for f in files) / 2**20,
+               "images": len(data.train) + len(data.val) + len(data.test),
                "source": data.source})
 
 
@@ -126,7 +127,8 @@ def main() -> None:
         for name in ("cold", "warm", "epoch_streamed", "epoch_cached"):
             print(f"{name:>15}: median {statistics.median(by(name)):.2f} s of {by(name)}")
         print(f"cold / warm: {statistics.median(c / w for c, w in zip(by('cold'), by('warm'))):.1f}x;  "
-              f"streamed / cached epoch: {statistics.median(s / c for s, c in zip(by('epoch_streamed'), by('epoch_cached'))):.1f}x")
+              "streamed / cached epoch: "
+              f"{statistics.median(s / c for s, c in zip(by('epoch_streamed'), by('epoch_cached'))):.1f}x")
         if args.output:
             keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("repeat", "case"), k))
             with args.output.open("w", newline="") as f:

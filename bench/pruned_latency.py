@@ -30,7 +30,6 @@ from compress.methods.base import Context
 from compress.methods.structured import L1Options, L1Pruning
 from compress.models import build
 
-
 FLOOR_RATE = 0.875  # the floor model: every group at 1/8 of its width
 
 

@@ -124,7 +124,8 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
         if o.is_sweep_override() and not multirun:
             _fail(f"{o.key_or_group}: a sweep value ({o.input_line.split('=', 1)[-1]}) needs `compress run -m`")
         if o.key_or_group == "hparams_search" and not multirun and o.value() not in (None, "null"):
-            _fail(f"hparams_search: a search is a multirun (a run per trial): use `compress run -m hparams_search={o.value()} ...`")
+            _fail("hparams_search: a search is a multirun (a run per trial): use "
+                  f"`compress run -m hparams_search={o.value()} ...`")
         if o.key_or_group in GROUPS and not o.is_sweep_override() and (
                 not isinstance(o.value(), str) or "${" in o.value()):
             _fail(f"{o.key_or_group}: must name one of its presets, got {o.input_line.split('=', 1)[-1]!r}")
@@ -215,9 +216,9 @@ def _is_out_of_memory(e: BaseException) -> bool:
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from compress.training import distributed
     from compress.config import to_config
     from compress.job.pipeline import Run
+    from compress.training import distributed
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if os.environ.get("RANK", "0") != "0":

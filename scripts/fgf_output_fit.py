@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from compress.job import sources
 from compress.data.cifar import load_cifar10
+from compress.job import sources
 from compress.layers import fgf
 
 SPEC = dict(terms=15, step=0.25, grid="pixel", amplitude=False)  # FGFPOptions' defaults

@@ -14,7 +14,6 @@ counts parameters and MACs with the engine's exact cost model (compress/prune/al
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import sys
 import tempfile
@@ -26,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress import config as configs
-from compress.deploy import measure
-from compress.job import sources
-from compress.methods.scap import L1_NORMS, NORMALISE, SCAP, SCAPOptions  # noqa: E402
+from compress import config as configs  # noqa: E402  (after the sys.path insert above)
+from compress.deploy import measure  # noqa: E402
+from compress.job import sources  # noqa: E402
 from compress.job.pipeline import Run  # noqa: E402
+from compress.methods.scap import L1_NORMS, NORMALISE, SCAP, SCAPOptions  # noqa: E402
 from compress.prune import allocation, engine  # noqa: E402
 from compress.prune.rates import RateSpec  # noqa: E402
 

@@ -8,6 +8,7 @@ import torch
 from scipy.fft import dctn
 from scipy.ndimage import gaussian_filter
 
+
 def reference_map_score(fmap: np.ndarray, lam: float, block: int = 2, sigma: float = 10.0) -> float:
     """The public code's formula: per block, Gaussian(sigma) of the block's orthonormal DCT; uncovered
     trailing rows/columns stay 0; a map smaller than a block is one block; Dist = #(> mean) / H^2."""

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrize
-
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
+from torch import nn
+from torch.nn.utils import parametrize
 
 from compress import CompressError, methods, models
 from compress.layers import deployable

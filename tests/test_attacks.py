@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import CompressError
-from compress.deploy import attacks
-from compress.report import results
-from compress.training import train
 from compress.config import compose
 from compress.data.base import TensorSplit
 from compress.data.synthetic import make_synthetic
+from compress.deploy import attacks
+from compress.report import results
+from compress.training import train
 from tests.conftest import compress_cli
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]

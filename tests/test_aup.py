@@ -23,7 +23,6 @@ from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 
 
-
 def ctx() -> Context:
     return cpu_context(log=logging.getLogger("test"))
 

@@ -11,12 +11,11 @@ from torch import nn
 
 from compress import CompressError
 from compress.methods import cfdp
-from compress.methods.cfdp import CFDP, CFDPOptions
 from compress.methods.base import Context
-from tests.contexts import cpu_context
+from compress.methods.cfdp import CFDP, CFDPOptions
 from compress.models import build
 from tests.cfdp_oracles import loop_scores, paper_map_score, reference_map_score
-
+from tests.contexts import cpu_context
 
 
 def random_maps(n: int, c: int, size: int, seed: int, relu: bool = False) -> torch.Tensor:

@@ -2,19 +2,18 @@
 model.pt of a chain reloading into every step's form, storage reflecting every step, resume by step."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from compress import CompressError, layers, models
-from compress.job import checkpoints, sources
 from compress.config import compose
+from compress.job import checkpoints, sources
+from compress.job.pipeline import Run
 from compress.layers.quant import ActivationFakeQuant, quantised_widths
 from compress.layers.series import series_kernel_of
 from compress.methods import get
-from compress.job.pipeline import Run
-from tests.contexts import cpu_context
 from tests.conftest import metrics_rows, noise_calibration
+from tests.contexts import cpu_context
 
 CHAIN = "method.steps=[{name: l1, compress_rate: 0.5}, {name: approxconv, harmonics: 2}, {name: quant, bits: 8}]"
 

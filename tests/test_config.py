@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from compress import CompressError, models
-from compress.deploy import measure
 from compress.config import LimitsConfig, ScheduleConfig, compose
+from compress.deploy import measure
 from compress.job.ledger import RunLedger, fingerprint
 from compress.job.rounds import IterativeSchedule
 from compress.training.train import make_scheduler

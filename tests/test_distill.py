@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import CompressError
-from compress.training import train
 from compress.config import ScheduleConfig, compose
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
 from compress.job.pipeline import Run
+from compress.training import train
 from tests.conftest import compress_cli, interrupt_after_first_epoch, metrics_rows
 
 MEAN, STD = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.25, 0.25, 0.25])

@@ -2,19 +2,18 @@
 PyTorch computes (ONNX Runtime and TorchScript), and bad input is one line with nothing written."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from compress import CompressError, cli, models
+from compress.config import compose
 from compress.deploy import export
 from compress.job import sources
-from compress.config import compose
+from compress.job.pipeline import Run
 from compress.layers.quant import ActivationFakeQuant
 from compress.methods import get
-from compress.job.pipeline import Run
-from tests.contexts import cpu_context
 from tests.conftest import noise_calibration
+from tests.contexts import cpu_context
 
 pytest.importorskip("onnxruntime")
 

@@ -13,23 +13,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 from scipy.special import binom, gamma
 from torch import nn
 from torch.nn.utils import parametrize
 
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
-
 from compress import CompressError, layers, models
-from compress.layers import deployable, fgf, masks
-from compress.layers.fgf import (FractionalGaussianKernel, axis_factor, decode, encode, fgf_kernel, fit_fgf, gl_weights,
-                                 fgf_layer_names, grid, grunwald_letnikov, lattice_stride)
-from compress.methods.aup import AUP
-from compress.methods.base import Context
 from compress.config import compose
-from compress.methods.fgfp import FGFP, conversion_order, select_layers
 from compress.job.pipeline import Run
 from compress.job.rounds import IterativeSchedule
+from compress.layers import deployable, fgf, masks
+from compress.layers.fgf import (
+    FractionalGaussianKernel,
+    axis_factor,
+    decode,
+    encode,
+    fgf_kernel,
+    fgf_layer_names,
+    fit_fgf,
+    gl_weights,
+    grid,
+    grunwald_letnikov,
+    lattice_stride,
+)
+from compress.methods.aup import AUP
+from compress.methods.base import Context
+from compress.methods.fgfp import FGFP, conversion_order, select_layers
 from tests.conftest import compress_cli
 from tests.contexts import cpu_context
 

@@ -27,8 +27,8 @@ from torch.nn.utils import parametrize, prune
 from compress import layers, models
 from compress.job import checkpoints
 from compress.methods import METHODS, Method, MethodOptions
-from tests.contexts import cpu_context
 from tests.conftest import noise_calibration
+from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")
 

@@ -20,12 +20,12 @@ from torch import nn
 
 from compress import models
 from compress.deploy.commands import export_model
-from compress.job import checkpoints, sources
 from compress.deploy.measure import count_macs
+from compress.job import checkpoints, sources
 from compress.methods import METHODS
 from compress.models import Spec
-from tests.contexts import cpu_context
 from tests.conftest import noise_calibration
+from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from compress import CompressError, models
+from compress.config import compose
 from compress.deploy.commands import export_model
 from compress.job import checkpoints, sources
-from compress.config import compose
+from compress.job.pipeline import Run
 from compress.methods import METHODS
 from compress.models import Spec
-from compress.job.pipeline import Run
 from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from compress import CompressError
-from compress.job import checkpoints
-from compress.report import results
 from compress.config import compose
-from compress.methods import METHODS, Method
+from compress.job import checkpoints
 from compress.job.pipeline import Run
+from compress.methods import METHODS, Method
+from compress.report import results
 from compress.report.results import COLUMNS
-from tests.conftest import PRETRAINED, compress_cli, interrupt_after_first_epoch, needs_shared, metrics_rows
-
+from tests.conftest import PRETRAINED, compress_cli, interrupt_after_first_epoch, metrics_rows, needs_shared
 
 # metrics.csv's columns as the README documents them: users' scripts read them by name and position, so
 # a new column only ever comes last (the latency spread came with torch.utils.benchmark).

@@ -10,11 +10,11 @@ from torch import nn
 from compress import CompressError
 from compress.methods.base import Context
 from compress.methods.structured import L1Options, L1Pruning
-from tests.contexts import cpu_context
 from compress.models import build
 from compress.models.cifar_resnet import ShortcutA
 from compress.prune import engine
 from compress.prune.rates import RateSpec
+from tests.contexts import cpu_context
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.methods import get
-from tests.contexts import cpu_context
 from compress.models import build
 from compress.prune.features import feature_scores
 from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
+from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")
 

@@ -7,9 +7,8 @@ from torch import nn
 
 from compress.deploy.measure import count_macs, count_params
 from compress.methods.structured import L1Options, L1Pruning
-from tests.contexts import cpu_context
 from compress.models import build
-
+from tests.contexts import cpu_context
 
 
 def pruned(arch: str, rate: str) -> nn.Module:

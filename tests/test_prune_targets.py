@@ -21,8 +21,8 @@ from compress.methods.structured import HRankPruning, L1Options, L1Pruning, Rand
 from compress.models import build
 from compress.prune import allocation, engine
 from compress.prune.rates import RateSpec
-from tests.contexts import cpu_context
 from tests.conftest import noise_calibration
+from tests.contexts import cpu_context
 
 pytestmark = pytest.mark.usefixtures("threads")
 

@@ -9,16 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from compress import CompressError
-from compress import models
+from compress import CompressError, models
+from compress.methods import scap
 from compress.methods.base import Context
+from compress.methods.scap import SCAP, SCAPOptions
 from compress.methods.structured import L1Options, L1Pruning
 from compress.prune import engine
 from compress.prune.rates import RateSpec
 from tests.contexts import cpu_context
-from compress.methods import scap
-from compress.methods.scap import SCAP, SCAPOptions
-
 
 # The rule before issue 26 (per-layer min-max of the uncentred fidelity, no L1 term, no per-layer floor), which
 # these tests pin; the readings and today's defaults: tests/test_scap_readings.py.
@@ -454,7 +452,7 @@ def test_coupled_group_is_judged_on_its_own_range_not_squeezed_by_the_average(mo
     for agree, expected in ((False, 16), (True, int((scap.fidelity_term(rising) >= 0.6).sum()))):
         fid = {name: rising if agree or i % 2 else rising.flip(0) for i, name in enumerate(members)}
         monkeypatch.setattr(scap.SCAP, "fidelities",
-                            lambda self, m, c, layers: {n: fid.get(n, torch.linspace(0.80, 0.95, layers[n].out_channels))
+                            lambda self, m, c, layers, fid=fid: {n: fid.get(n, torch.linspace(0.80, 0.95, layers[n].out_channels))
                                                              for n in layers})
         pruned = SCAP(Opts(threshold=0.6)).compress(copy.deepcopy(model), ctx)
         assert pruned.conv1.out_channels == expected

@@ -2,11 +2,8 @@
 importance that `method.threshold` cuts (compress/prune/importance.py), on fixed fidelities."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 from compress import CompressError, models
 from compress.methods import scap

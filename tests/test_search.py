@@ -158,7 +158,7 @@ def test_callback_fails_a_trial_without_metrics_and_leaves_failed_jobs_alone(tmp
     callback.on_job_end(None, job)
     assert job.status == JobStatus.FAILED  # the sweeper counts it against hydra.sweeper.max_failure_rate
     with pytest.raises(CompressError, match="metrics.csv: no such file"):
-        job.return_value
+        _ = job.return_value
 
     failed = finished_job(tmp_path / "1", rows(90.0, 89.0), 1, [])
     failed.status, failed.return_value = JobStatus.FAILED, RuntimeError("boom")

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from compress import CompressError, models
-from compress.job import checkpoints
 from compress.deploy.measure import count_macs, count_params
+from compress.job import checkpoints
 from compress.methods import METHODS
 from compress.methods.torch_pruning import IMPORTANCES, TOLERANCE, TorchPruning, TorchPruningOptions
 from compress.models.cifar_resnet import ShortcutA

@@ -183,7 +183,7 @@ def load_imagefolder(cfg: DatasetConfig, cache_dir: Path) -> FolderImages:
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise CompressError(f"dataset.num_classes: {cfg.num_classes}, but {root / 'train'} has {len(classes)} classes "
                             f"({_names(classes)}); leave it null to take the folders' count")
-    for name, split in splits.items():
+    for split in splits.values():
         if streamed:
             split["paths"] = [root / f for f in split["files"]]
     how = "streamed" if streamed else ("cached" if hit else "decoded")

@@ -132,11 +132,13 @@ def compare_outputs(exported: torch.Tensor, reference: torch.Tensor, tolerance: 
     largest = float(diff.max()) if diff.numel() else 0.0
     if not quantised:
         criterion = f"max abs logit difference {largest:.2e} <= {tolerance:g}"
-        return largest, criterion, None if largest <= tolerance else f"differ from PyTorch's by {largest:.3g} (max abs) > {tolerance:g}"
+        failure = f"differ from PyTorch's by {largest:.3g} (max abs) > {tolerance:g}"
+        return largest, criterion, None if largest <= tolerance else failure
     agreement = float((exported.argmax(1) == reference.argmax(1)).float().mean())
     relative = float(diff.mean() / reference.abs().mean().clamp_min(1e-12))
-    criterion = (f"quantised activations: same top-1 on {100 * agreement:.1f} % of images (>= {100 * QUANTISED_AGREEMENT:g}), "
-                 f"mean abs difference {100 * relative:.2f} % of mean |logit| (<= {100 * QUANTISED_MEAN_DIFF:g}), max {largest:.2e}")
+    criterion = (f"quantised activations: same top-1 on {100 * agreement:.1f} % of images "
+                 f"(>= {100 * QUANTISED_AGREEMENT:g}), mean abs difference {100 * relative:.2f} % of mean |logit| "
+                 f"(<= {100 * QUANTISED_MEAN_DIFF:g}), max {largest:.2e}")
     ok = agreement >= QUANTISED_AGREEMENT and relative <= QUANTISED_MEAN_DIFF
     return largest, criterion, None if ok else f"disagree with PyTorch's ({criterion})"
 

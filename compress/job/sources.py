@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from compress import CompressError, methods, models
-from compress.job import checkpoints
-from compress.training import distributed, train
 from compress.config import DatasetConfig, ScheduleConfig
 from compress.data.base import Data
+from compress.job import checkpoints
 from compress.models.introspect import classifier
+from compress.training import distributed, train
 
 log = logging.getLogger("compress")
 
@@ -102,12 +102,12 @@ def pretrain_key(arch: "str | models.Spec", data: Data, dataset: DatasetConfig, 
     """What the pretrained weights depend on: the images' content (not their folder, nor whether they were
     decoded or cached), the split and the recipe. Where the data lies (root, download) is not part of it."""
     split = {k: v for k, v in _changed_fields(dataset).items() if k not in ("root", "download")}
-    return hashlib.sha256(json.dumps([models.Spec.of(arch).key(), data.identity, data.num_classes, split, _changed_fields(pretrain), seed],
-                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
+    identity = [models.Spec.of(arch).key(), data.identity, data.num_classes, split, _changed_fields(pretrain), seed]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def pretrained_here(arch: "str | models.Spec", data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, *, seed: int, cache: Path,
-                    device: torch.device, eval_batch_size: int) -> nn.Module:
+def pretrained_here(arch: "str | models.Spec", data: Data, dataset: DatasetConfig, pretrain: ScheduleConfig, *, seed: int,
+                    cache: Path, device: torch.device, eval_batch_size: int) -> nn.Module:
     """No checkpoint given: train from scratch with the pretrain schedule, once; cache the result."""
     key = pretrain_key(arch, data, dataset, pretrain, seed)
     label = re.sub(r"[^\w.-]+", "_", models.Spec.of(arch).label)[:80]  # a target's ':' and the like, out of file names

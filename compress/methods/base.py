@@ -30,8 +30,7 @@ from typing import Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from compress import CompressError
-from compress import checks
+from compress import CompressError, checks
 from compress.checks import require
 
 

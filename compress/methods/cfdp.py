@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from compress import CompressError
-from compress.methods.base import Context
 from compress.checks import int_in, number_in, require_choice
+from compress.methods.base import Context
 from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.features import FEATURES, feature_scores
 

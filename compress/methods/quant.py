@@ -76,7 +76,7 @@ class Quantise(Method):
 
     def meta(self, model: nn.Module) -> dict:
         layers = quantised_layers(model)
-        first = getattr(dict(model.named_modules())[layers[0]], "input_quant") if layers else None
+        first = dict(model.named_modules())[layers[0]].input_quant if layers else None
         return {"bits": first.bits if first else None, "momentum": first.momentum if first else None,
                 "quantised": layers}
 

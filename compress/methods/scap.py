@@ -44,11 +44,27 @@ from compress import CompressError
 from compress.checks import is_count, is_number, require
 from compress.methods.structured import StructuredOptions, StructuredPruning
 from compress.prune.autoencoder import (  # noqa: F401 (re-exported)
-    AE_LOSSES, Autoencoder, bottleneck_width, cosine_fidelity, init_autoencoder, train_autoencoder, train_autoencoders,
-    unit_norm)
+    AE_LOSSES,
+    Autoencoder,
+    bottleneck_width,
+    cosine_fidelity,
+    init_autoencoder,
+    train_autoencoder,
+    train_autoencoders,
+    unit_norm,
+)
 from compress.prune.features import FEATURES, run_hooked
 from compress.prune.importance import (  # noqa: F401 (the importance helpers, re-exported)
-    DEGENERATE, L1_NORMS, NORMALISE, fidelity_term, fidelity_terms, fuse, importance, l1_term, minmax)
+    DEGENERATE,
+    L1_NORMS,
+    NORMALISE,
+    fidelity_term,
+    fidelity_terms,
+    fuse,
+    importance,
+    l1_term,
+    minmax,
+)
 
 SPECTRA = ("log", "magnitude", "power")
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")

@@ -54,9 +54,8 @@ from compress.deploy.measure import count_macs, count_params
 from compress.methods.base import Context, Method, MethodOptions
 from compress.prune import allocation, engine
 from compress.prune.features import FEATURES, feature_scores
-from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
 from compress.prune.rates import RateSpec, paper_rate, round_down, round_up
-
+from compress.prune.scorers import hrank_map_score, l1_scores, random_scores
 
 ALLOCATIONS = ("uniform", "global")
 # One-shot passes towards a target: the cost model is exact for conv/linear/BN networks, so one pass lands;

@@ -40,8 +40,8 @@ import torch_pruning as tp
 from torch import nn
 
 from compress import CompressError
-from compress.prune.rates import keep_count, round_up
 from compress.models.introspect import evaluating, model_device
+from compress.prune.rates import keep_count, round_up
 
 TOLERANCE = 0.01  # a target is met when the measured cost is within 1 % of it (relative to the target)
 AIM = 0.005  # what the search aims at

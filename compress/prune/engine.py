@@ -34,9 +34,9 @@ from torch import nn
 
 from compress import CompressError
 from compress.models.cifar_resnet import ShortcutA
+from compress.models.introspect import evaluating, model_device
 from compress.prune import layouts
 from compress.prune.rates import KEY, RateSpec, keep_count, round_up
-from compress.models.introspect import evaluating, model_device
 
 META_FORMAT = "structured-pruning/1"
 
@@ -290,7 +290,8 @@ def restore_structure(model: nn.Module, meta: dict, state_dict: dict[str, torch.
         if isinstance(module, nn.Conv2d):
             shape = _weight_shape(state_dict, prefix)
             groups = int(conv_groups.get(name, 1))
-            if shape is not None and (shape[0], shape[1] * groups, groups) != (module.out_channels, module.in_channels, module.groups):
+            have = (module.out_channels, module.in_channels, module.groups)
+            if shape is not None and (shape[0], shape[1] * groups, groups) != have:
                 _set_module(model, name, _resized_conv(module, shape[1] * groups, shape[0], groups))
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             shape = _shape(state_dict, prefix + "running_mean") or _shape(state_dict, prefix + "weight")

@@ -1,1 +1,3 @@
-"""Reporting: the metrics rows and `compress report`, the papers' published numbers, `compress compare` and `compress plot`."""
+"""Reporting: the metrics rows and `compress report`, the papers' published numbers, `compress compare` and
+`compress plot`.
+"""

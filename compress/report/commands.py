@@ -118,8 +118,7 @@ def compare_runs(argv: list[str]) -> None:
 
 def plot_runs(argv: list[str]) -> None:
     """`compress plot DIR... -o FILE.png`: top-1 vs parameters and vs MACs, one row of panels per arch."""
-    from compress.report import compare
-    from compress.report import plot
+    from compress.report import compare, plot
 
     p = parser("compress plot", "Top-1 against parameters and MACs: our runs, the papers' rows, the Pareto front.")
     p.add_argument("dirs", nargs="+", type=Path)

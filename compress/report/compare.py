@@ -176,7 +176,7 @@ def runs(table, resolve: Callable[[str], str] | None = None):
         kept = [r for r in recs if r["status"] != "rolled_back"] or recs
         last = by_stage.get("final") or kept[-1]
         first = recs[0]
-        some = lambda key: next((r[key] for r in reversed(recs) if r[key]), "")  # noqa: E731
+        some = lambda key, recs=recs: next((r[key] for r in reversed(recs) if r[key]), "")
         line = {
             "run": str(run_dir), "experiment": some("experiment"), "arch": some("arch") or first["arch"],
             "method": some("method"), "stage": last["stage"],

@@ -1,1 +1,3 @@
-"""Training: fine-tuning and pretraining loops (precision, distillation, schedulers) and data-parallel training under torchrun."""
+"""Training: fine-tuning and pretraining loops (precision, distillation, schedulers) and data-parallel training
+under torchrun.
+"""
