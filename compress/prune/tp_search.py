@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch_pruning as tp
@@ -21,9 +21,17 @@ from compress.prune import allocation
 from compress.prune.allocation import TOLERANCE
 from compress.prune.rates import round_up
 
-if TYPE_CHECKING:  # the method drives the search; the search only calls it back
-    from compress.methods.base import Context
-    from compress.methods.torch_pruning import TorchPruning
+
+class Pruning(Protocol):
+    """What the search needs of the method that drives it (compress.methods.torch_pruning.TorchPruning): its
+    options, name and importance, and a TP pruner built for a model and a plan. The search calls it back; it
+    imports nothing of it."""
+
+    name: str
+    options: Any
+    importance: Any
+
+    def build_pruner(self, model: nn.Module, ctx: Any, plan: "Plan", groups: "list[Group]") -> Any: ...
 
 # Global allocation: how many expensive channels at the crossing of the target may be kept (see Search).
 SPARES = 4
@@ -107,7 +115,7 @@ def describe(model: nn.Module, groups: list[Group]) -> str:
 class Search:
     """Finds the plan that meets the target, by pruning deep copies and measuring them."""
 
-    def __init__(self, method: "TorchPruning", model: nn.Module, ctx: "Context"):
+    def __init__(self, method: Pruning, model: nn.Module, ctx: Any):
         self.method, self.model, self.ctx = method, model, ctx
         opts = method.options
         self.allocation = opts.allocation
