@@ -8,11 +8,13 @@ at its epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -44,6 +46,23 @@ def fingerprint(config: dict) -> str:
         if isinstance(keep.get(group), dict) and keep[group].get(key, default) == default:
             keep[group].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run's schedule stands, besides its rows and model: the one typed record of it. Stored in
+    state.pt under these field names (the keys runs recorded before it existed used), so old runs resume."""
+
+    round: int = 0                              # rounds finished (accepted or rolled back)
+    rounds_over: bool = False                   # the schedule ended early (stop after a rollback, nothing left)
+    rollbacks: int = 0
+    step_scale: float = 1.0                     # the method's step size after shrinking rollbacks
+    baseline_val_top1: Optional[float] = None   # what the rounds' threshold is judged against
+    teacher_digest: Optional[str] = None        # the distillation teacher the run started from
+
+    @classmethod
+    def of(cls, state: dict) -> "Progress":
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if state.get(f.name) is not None})
 
 
 class RunLedger:
@@ -97,8 +116,13 @@ class RunLedger:
     def done(self, stage: str) -> bool:
         return any(r["stage"] == stage for r in self.rows)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.state.get(key, default)
+    @property
+    def progress(self) -> Progress:
+        return Progress.of(self.state)
+
+    @property
+    def method_state(self) -> dict:
+        return self.state.get("method_state") or {}
 
     @property
     def saved_model(self) -> dict | None:
@@ -106,18 +130,25 @@ class RunLedger:
         return self.state.get("model")
 
     # -- writing ------------------------------------------------------------------------------------------
-    def save(self, packed_model: dict | None = None, method_state: dict | None = None, **extra: Any) -> None:
-        self.state.update(extra)
+    def remember(self, progress: Progress) -> None:
+        """Hold `progress` in memory: it is written with the next stage (a run not yet started leaves no file)."""
+        self.state.update(dataclasses.asdict(progress))
+
+    def save(self, packed_model: dict | None = None, method_state: dict | None = None,
+             progress: Progress | None = None) -> None:
+        if progress is not None:
+            self.remember(progress)
         if packed_model is not None:
             self.state["model"] = packed_model
             self.state["method_state"] = method_state or {}
         if self.writes:
             checkpoints.atomic_save(self.state, self.state_path)
 
-    def record(self, row: dict, packed_model: dict, method_state: dict, **extra: Any) -> None:
+    def record(self, row: dict, packed_model: dict, method_state: dict, progress: Progress | None = None) -> None:
         """A stage is done: its row goes into the state (atomically), then into metrics.csv."""
         self.rows.append(row)
-        self.save(packed_model, method_state, train=None, **extra)
+        self.state["train"] = None  # the stage's fine-tune is over: nothing to resume inside it
+        self.save(packed_model, method_state, progress)
         if self.writes:
             results.append_row(self.metrics_path, row)
         log.info("%-10s top-1 %.2f (val %.2f)  params %s (nonzero %s)  MACs %.2fM  %s", row["stage"], row["top1"],

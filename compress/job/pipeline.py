@@ -25,7 +25,7 @@ from compress import data as datasets
 from compress.config import Config, ScheduleConfig
 from compress.deploy import attacks, measure
 from compress.job import checkpoints, runtime, sources
-from compress.job.ledger import RunLedger, fingerprint
+from compress.job.ledger import Progress, RunLedger, fingerprint
 from compress.job.rounds import IterativeSchedule
 from compress.methods.base import Context, Method
 from compress.report import results
@@ -138,20 +138,23 @@ class Run:
                                               seed=c.seed, amp=c.schedule.amp, device=self.device))
         if stage == "final" and self.config.measure.int8 and distributed.is_main():  # compress/deploy/int8.py
             row.update(self._int8_columns(produced))
-        self._record(row, produced, **({"baseline_val_top1": row["val_top1"]} if stage == "baseline" else {}))
+        progress = dataclasses.replace(self.ledger.progress, baseline_val_top1=row["val_top1"]) if stage == "baseline" else None
+        self._record(row, produced, progress)
         return produced
 
     def _rounds(self, model: nn.Module) -> nn.Module:
         s = self.config.schedule
-        plan = IterativeSchedule.from_config(s, self.ledger.get("baseline_val_top1"))
-        while not self.ledger.get("rounds_over") and self.ledger.get("round", 0) < plan.rounds:
-            k = self.ledger.get("round", 0) + 1
+        plan = IterativeSchedule.from_config(s, self.ledger.progress.baseline_val_top1)
+        while not self.ledger.progress.rounds_over and self.ledger.progress.round < plan.rounds:
+            progress = self.ledger.progress
+            k = progress.round + 1
             started = time.perf_counter()
             snapshot, method_state = layers.clone(model), copy.deepcopy(self.method.state_dict())
-            candidate = self.method.step(model, self.ctx, k, self.ledger.get("step_scale", 1.0))
+            candidate = self.method.step(model, self.ctx, k, progress.step_scale)
             if candidate is None:
                 log.info("round %d: the method has nothing left to compress; schedule ends", k)
-                self.ledger.save(self._pack(snapshot), self.method.state_dict(), rounds_over=True)
+                self.ledger.save(self._pack(snapshot), self.method.state_dict(),
+                                 dataclasses.replace(progress, rounds_over=True))
                 return snapshot
             # A round's fine-tune is redone from the round's start when interrupted (its step is deterministic).
             round_sched = dataclasses.replace(s, epochs=self.method.round_epochs(s.round_epochs))
@@ -159,16 +162,17 @@ class Run:
             val_top1 = self._evaluate(candidate, self.data.val, "val")["top1"]
             if plan.accepts(val_top1):
                 model = candidate
-                self._record(self._row(f"round_{k}", model, started, "accepted"), model, round=k)
+                self._record(self._row(f"round_{k}", model, started, "accepted"), model,
+                             dataclasses.replace(progress, round=k))
                 continue
             row = self._row(f"round_{k}", candidate, started, "rolled_back")
             model = snapshot  # the exact weights and structure accepted last
             shrink = self.method.rolled_back(method_state)
-            outcome = plan.after_rollback(self.ledger.get("rollbacks", 0), self.ledger.get("step_scale", 1.0), shrink)
+            outcome = plan.after_rollback(progress.rollbacks, progress.step_scale, shrink)
             log.info("round %d: val top-1 %.2f < %.2f: rolled back%s", k, val_top1, plan.threshold,
                      "; schedule ends" if outcome.over else f"; retrying with step scale {outcome.step_scale:g}")
-            self._record(row, model, round=k, rollbacks=outcome.rollbacks, step_scale=outcome.step_scale,
-                         rounds_over=outcome.over)
+            self._record(row, model, dataclasses.replace(progress, round=k, rollbacks=outcome.rollbacks,
+                                                         step_scale=outcome.step_scale, rounds_over=outcome.over))
         return model
 
     # -- data, model, context -----------------------------------------------------------------------------------
@@ -191,14 +195,14 @@ class Run:
             loaded = sources.starting_model(self.config, self.data, self.device).to(self.device)
         if self.config.schedule.distilling:
             self.teacher = layers.clone(loaded).eval()
-            digest, recorded = checkpoints.digest(self.teacher), self.ledger.get("teacher_digest")
+            digest, recorded = checkpoints.digest(self.teacher), self.ledger.progress.teacher_digest
             if recorded is not None and recorded != digest:
                 raise CompressError(f"arch.checkpoint: the teacher ({self.config.arch.checkpoint}) differs from the model "
                                     "this run started from; restore that file, or start a new run dir")
-            self.ledger.state["teacher_digest"] = digest
+            self.ledger.remember(dataclasses.replace(self.ledger.progress, teacher_digest=digest))
         if self.ledger.saved_model is not None:
             model = sources.unpack(self.ledger.saved_model, self.spec, self.data.num_classes)
-            self.method.load_state_dict(self.ledger.get("method_state") or {})
+            self.method.load_state_dict(self.ledger.method_state)
             return model.to(self.device)
         return loaded
 
@@ -303,5 +307,5 @@ class Run:
         return checkpoints.pack(model, self.spec, self.method.name, self.method.meta(model),
                                 num_classes=self.data.num_classes, input_shape=self.data.image_shape)
 
-    def _record(self, row: dict, model: nn.Module, **extra) -> None:
-        self.ledger.record(row, self._pack(model), self.method.state_dict(), **extra)
+    def _record(self, row: dict, model: nn.Module, progress: Progress | None = None) -> None:
+        self.ledger.record(row, self._pack(model), self.method.state_dict(), progress)
