@@ -41,25 +41,38 @@ def _to_log_file(msg: str) -> None:
 
 
 def _hydra_message(e: BaseException) -> str:
-    """Hydra's and OmegaConf's composition errors are multi-line; keep the line a user can act on,
-    naming the key."""
-    text = f"{e}\n{e.__cause__ or ''}".strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    if any("is not in struct" in ln or "not in '" in ln for ln in lines) and lines[0].startswith("Could not override"):
-        key = lines[0].split("'")[1]
-        return f"{key}: unknown config option (add new keys with +{key}=...)"
-    if lines and lines[0].startswith("Error merging override") and len(lines) > 1:
-        key = full_key or lines[0].removeprefix("Error merging override").split("=")[0].strip()
-        return f"{key}: {lines[1]}"
-    options_at = next((i for i, ln in enumerate(lines) if ln.startswith("Available options")), None)
-    if options_at is not None:  # an unknown group option: name the ones there are
-        options = [ln for ln in lines[options_at + 1:] if not ln.startswith(("Config search path", "provider="))]
-        return f"{' '.join(lines[:options_at + 1])} {', '.join(options)}"
-    if lines and lines[0].startswith("In ") and len(lines) > 1:
+    """The line a user can act on, naming the key, from Hydra's and OmegaConf's exception types (their
+    messages are multi-line and worded for developers): an unknown key, a value of the wrong type, an
+    unknown group option (with the ones there are), an override that does not parse."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    def first_line(error: BaseException) -> str:
+        return next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+
+    cause = e.__cause__
+    if isinstance(e, MissingConfigException):
+        group = (e.missing_cfg_file or "").rpartition("/")[0]
+        options = f" Available options in '{group}': {', '.join(e.options)}" if e.options else ""
+        return first_line(e) + options
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return f"{cause.full_key}: unknown config option (add new keys with +{cause.full_key}=...)"
+    if isinstance(cause, ValidationError) and cause.full_key:
+        return f"{cause.full_key}: {first_line(cause)}"
+    if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+        return f"{e.full_key}: {first_line(e)}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("In "):  # Hydra's defaults-list errors: where, then what
         return f"{lines[0]} {lines[1]}"
-    return (f"{full_key}: " if full_key and lines and not lines[0].startswith(full_key) else "") + (
-        lines[0][:300] if lines else type(e).__name__)
+    return first_line(e)[:300]
+
+
+def _hydra_errors() -> tuple[type[BaseException], ...]:
+    """What composing a config can raise for a bad override: Hydra's and OmegaConf's own error types."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (HydraException, OmegaConfBaseException)
 
 
 GROUPS = ("dataset", "arch", "method", "schedule", "schedule@pretrain", "experiment", "debug", "hparams_search")
@@ -105,14 +118,15 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    errors = _hydra_errors()
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(overrides)
-    except Exception as e:
+    except errors as e:
         for line in overrides:  # name the override that does not parse
             try:
                 parser.parse_overrides([line])
-            except Exception as one:
+            except errors as one:
                 _fail(f"{line.split('=', 1)[0].lstrip('+~')}: cannot parse {line!r}: {_hydra_message(one)}")
         _fail(f"could not parse overrides: {_hydra_message(e)}")
     from hydra.core.override_parser.types import ChoiceSweep
@@ -142,7 +156,7 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
             _check_optional_groups(plain)
             cfg = compose(config_name="config", overrides=plain)
-    except Exception as e:
+    except errors as e:
         _fail(_hydra_message(e))
     try:
         to_config(cfg)  # ranges and choices: fail before Hydra makes a run directory
@@ -179,6 +193,7 @@ def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
     from compress.config import to_config
     from compress.job.search import KEY, SearchObjective
 
+    errors = _hydra_errors()
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
             full = compose(config_name="config", overrides=plain + hydra_overrides, return_hydra_config=True)
@@ -196,13 +211,11 @@ def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
                         to_config(compose(config_name="config", overrides=[*plain, f"{key}={value}"]))
                     except CompressError as e:
                         _fail(f"hydra.sweeper.params: {key}={spec} takes {value}: {e}")
-                    except Exception as e:
+                    except errors as e:
                         _fail(f"hydra.sweeper.params: {key}={spec}: {_hydra_message(e)}")
     except CompressError as e:
         _fail(str(e))
-    except SystemExit:
-        raise
-    except Exception as e:
+    except errors as e:
         _fail(_hydra_message(e))
 
 

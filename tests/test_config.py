@@ -130,7 +130,7 @@ def test_ledger_refuses_an_occupied_dir_and_resumes_without_duplicates(tmp_path)
     again = RunLedger.open(tmp_path, resume=True, config_fingerprint="abc", run_id="r2")
     assert [r["stage"] for r in again.rows] == ["baseline", "compressed"] and again.run_id == "r"
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 3  # header + the two recorded rows
-    assert again.done("compressed") and not again.done("final") and again.get("method_state") == {"x": 1}
+    assert again.done("compressed") and not again.done("final") and again.method_state == {"x": 1}
 
 
 def test_fingerprint_ignores_where_and_how_fast():
