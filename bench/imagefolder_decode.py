@@ -87,7 +87,8 @@ def case(kind: str, root: str, cache: str, size: int, queue) -> None:
                "decoded_mb": sum(s.images.numel() for s in (data.train, data.val, data.test)) / 2**20,
                "cache_file_mb": sum(f.stat().st_size for f in files) / 2**20,
                "images": len(data.train) + len(data.val) + len(data.test),
-               "source": data.source})
+               # the copy lives in a temporary directory: name it by what it is, not where it was
+               "source": data.source.replace(str(Path(root).parent), "<temporary copy>")})
 
 
 def run_case(kind: str, root: Path, cache: Path, size: int) -> dict:
