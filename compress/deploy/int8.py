@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from compress import CompressError
+from compress.job import runtime
 
 log = logging.getLogger("compress")
 
@@ -39,26 +40,12 @@ SHOWN_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNN
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags (compress.job.runtime.cpu_info: Linux /proc/cpuinfo; empty elsewhere)."""
+    return runtime.cpu_info()[1]
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return runtime.cpu_info()[0] or platform.processor() or platform.machine()
 
 
 def cpu_label(flags: set[str] | None = None) -> str:

@@ -62,8 +62,9 @@ _FEATURE_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 
 _CPUINFO = "/proc/cpuinfo"
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) of the first processor in /proc/cpuinfo; ("", set()) where it cannot be read."""
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo; ("", set()) where it cannot be read. The
+    one reader of it: the training precision here and the int8 export's reduce_range both decide from it."""
     name, flags = "", set()
     try:
         with open(_CPUINFO, encoding="utf-8", errors="replace") as f:
@@ -84,7 +85,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
 def cpu_description() -> str:
     """The CPU's model name and the SIMD features that decide its fast paths, e.g.
     "Intel(R) Xeon(R) Processor, AVX2 AVX-512 AVX-512 VNNI AMX-BF16 AVX512-BF16"."""
-    name, flags = _cpuinfo()
+    name, flags = cpu_info()
     features = " ".join(label for flag, label in _FEATURE_FLAGS.items() if flag in flags) or "no AVX2"
     return f"{name or platform.processor() or platform.machine() or 'unknown CPU'}, {features}"
 
@@ -92,7 +93,7 @@ def cpu_description() -> str:
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo) and PyTorch's
     oneDNN can use it."""
-    _, flags = _cpuinfo()
+    _, flags = cpu_info()
     return any(flag in flags for flag in NATIVE_BF16_FLAGS) and _onednn_bf16()
 
 
