@@ -125,7 +125,7 @@ def test_a_bf16_step_tracks_the_float32_step(monkeypatch, threads):
         monkeypatch.setattr(runtime, "native_bf16", lambda native=native: native)
         torch.manual_seed(1)
         model = Tiny().train()
-        with train.training_autocast(CPU, True):
+        with train.training_autocast(CPU, runtime.training_dtype(CPU, True)):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         results[precision] = (loss.item(), model.conv.weight.grad.flatten().clone(), model.seen["train"])

@@ -30,11 +30,10 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def training_autocast(device: torch.device, enabled: bool):
-    """The training steps' context (forward, loss, a distillation teacher's forward): bfloat16 autocast on
-    CUDA, and on a CPU with native bfloat16 (compress.job.runtime.training_dtype), when `enabled`
-    (schedule.amp); float32 otherwise."""
-    dtype = runtime.training_dtype(device, enabled)
+def training_autocast(device: torch.device, dtype: torch.dtype | None):
+    """The training steps' context (forward, loss, a distillation teacher's forward): autocast to `dtype`
+    (compress.job.runtime.training_dtype, decided once per fit: bfloat16 on CUDA and on a CPU with native
+    bfloat16, when schedule.amp is on), or float32 for None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -212,7 +211,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
         start, best_top1, best_state, best_epoch = (resume["epoch"], resume["best_val_top1"],
                                                     resume["best_state"], resume["best_epoch"])
         log.info("%s: resuming after epoch %d (best val top-1 %.2f at epoch %s)", desc, start, best_top1, best_epoch)
-    amp = runtime.training_dtype(device, sched.amp) is not None
+    step_dtype = runtime.training_dtype(device, sched.amp)  # once: it reads the CPU's flags
     if distributed.world_size() > sched.batch_size:
         raise CompressError(f"schedule.batch_size: {sched.batch_size} images cannot be split over "
                             f"{distributed.world_size()} data-parallel ranks")
@@ -234,7 +233,7 @@ def fit(model: nn.Module, train: Split, val: Split, sched: ScheduleConfig, devic
             for x, y in bar:
                 x, y = distributed.shard(x, y)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with training_autocast(device, amp):
+                with training_autocast(device, step_dtype):
                     logits = step_model(x)
                     loss = (distiller.loss(x, y, logits, smoothing) if distiller is not None
                             else F.cross_entropy(logits, y, label_smoothing=smoothing))
