@@ -303,14 +303,14 @@ def draw(split, count: int, seed: int = SEED) -> tuple[torch.Tensor, torch.Tenso
     n = len(split)
     count = min(count, n)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[order] = True  # a mask, not a per-image lookup: the split is read once, batch by batch
     images, labels = [], []
-    chosen = set(order.tolist())
     start = 0
     for x, y in split.batches(1000):
-        idx = [i - start for i in range(start, start + len(y)) if i in chosen]
-        if idx:
-            t = torch.tensor(idx)
-            images.append(x.index_select(0, t))
-            labels.append(y.index_select(0, t))
+        keep = chosen[start:start + len(y)].to(y.device)
+        if keep.any():
+            images.append(x[keep])
+            labels.append(y[keep])
         start += len(y)
     return torch.cat(images), torch.cat(labels)
