@@ -9,7 +9,7 @@
 
     .venv/bin/python bench/cfdp_scoring.py [--threads 1] [--rounds 3] [--scorer-images 128] [--malloc tuned]
 
-`--malloc tuned` (the default) applies `compress.job.runtime.tune_allocator()` as `compress run` does;
+`--malloc tuned` (the default) applies `compress.runtime.tune_allocator()` as `compress run` does;
 `--malloc default` leaves glibc's malloc as it is, to see what that setting is worth.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.job.runtime import tune_allocator
 from compress.methods import cfdp
 from compress.models import build
 from compress.prune.features import feature_scores
+from compress.runtime import tune_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the per-map oracles live beside the tests
@@ -140,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tuned = args.malloc == "tuned" and tune_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, "
-          f"malloc {'tuned (compress.job.runtime)' if tuned else 'as the C library sets it'}")
+          f"malloc {'tuned (compress.runtime)' if tuned else 'as the C library sets it'}")
     bench_scorer(args.rounds, args.scorer_images)
     bench_model(args.rounds, args.images, args.batch_size)
 

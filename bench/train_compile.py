@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 # isort: on
 
-from compress import models
-from compress.job import runtime
+from compress import models, runtime
 
 
 def cpu_seconds() -> float:

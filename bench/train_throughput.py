@@ -4,7 +4,7 @@ model and batch size on pre-normalised in-memory tensors. Alternating repeats, m
 
     python bench/train_throughput.py [--arch resnet20] [--batches 20] [--repeats 3] [--malloc tuned]
 
-`--malloc tuned` (default) applies `compress.job.runtime.tune_allocator()` as `compress run` does; run once
+`--malloc tuned` (default) applies `compress.runtime.tune_allocator()` as `compress run` does; run once
 with `--malloc default` to see what it is worth (both loops gain alike, so the ratio hardly moves).
 
 Target: ratio >= 0.85 for ResNet-20 on a 2-core CPU.
@@ -15,7 +15,7 @@ Expected ratio about 0.75 (a forward is about a third of a training step); targe
 
 `--precision fp32|bf16|both` (with `--layout nchw|channels_last|both`) times the pipeline loop in each
 precision and memory layout instead, interleaved in one run, and prints images/s and the bf16 / fp32 ratio
-(bf16 = schedule.amp's autocast, which compress.job.runtime.training_dtype grants only on a CPU with native
+(bf16 = schedule.amp's autocast, which compress.runtime.training_dtype grants only on a CPU with native
 bfloat16; elsewhere it says so and `bf16` trains in float32, as `compress run` would). Evaluation (the one
 validation batch) is float32 in both. E.g. ResNet-56, one thread, as in docs/training-speed.md:
 
@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 # isort: on
 
-from compress import models
+from compress import models, runtime
 from compress.config import ScheduleConfig
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
-from compress.job import runtime
-from compress.job.runtime import tune_allocator
+from compress.runtime import tune_allocator
 from compress.training import train
 
 

@@ -179,7 +179,7 @@ def _compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from compress.config import compose
+    from compress.job.compose import compose
 
     try:
         return compose(overrides)

@@ -62,3 +62,29 @@ def number_in(key: str, value: Any, low: float, high: float, *, low_open: bool =
 
 def flag(key: str, value: Any) -> None:
     require(isinstance(value, bool), key, "true or false", value)
+
+
+def unknown_key(node, prefix: str = "") -> str | None:
+    """The first key of a composed DictConfig that its typed schema does not have, as a one-line message
+    naming the closest known keys ("" prefix: the root). Hydra's `+key=value` adds keys the dataclasses
+    lack, and `OmegaConf.to_object` would drop them silently: a typo such as `+schedule.epoch=3` would
+    then run the default. Nodes typed as plain dicts take any key."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=3, cutoff=0.6)
+            hint = f" (did you mean: {', '.join(prefix + c for c in close)}?)" if close else ""
+            return f"{path}: unknown config option{hint}"
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (child._is_missing() or child._is_none()):
+            found = unknown_key(child, path + ".")
+            if found:
+                return found
+    return None

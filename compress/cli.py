@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import reprlib
 import signal
 import sys
 from pathlib import Path
@@ -55,8 +56,9 @@ def _hydra_message(e: BaseException) -> str:
         group = (e.missing_cfg_file or "").rpartition("/")[0]
         options = f" Available options in '{group}': {', '.join(e.options)}" if e.options else ""
         return first_line(e) + options
-    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
-        return f"{cause.full_key}: unknown config option (add new keys with +{cause.full_key}=...)"
+    unknown = e if isinstance(e, (ConfigAttributeError, ConfigKeyError)) else cause
+    if isinstance(unknown, (ConfigAttributeError, ConfigKeyError)) and unknown.full_key:
+        return f"{unknown.full_key}: unknown config option{_unknown_key_hint(unknown)}"
     if isinstance(cause, ValidationError) and cause.full_key:
         return f"{cause.full_key}: {first_line(cause)}"
     if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
@@ -65,6 +67,27 @@ def _hydra_message(e: BaseException) -> str:
     if len(lines) > 1 and lines[0].startswith("In "):  # Hydra's defaults-list errors: where, then what
         return f"{lines[0]} {lines[1]}"
     return first_line(e)[:300]
+
+
+def _unknown_key_hint(e) -> str:
+    """" (did you mean ...?)" for an unknown key: a group's option given as a key (`smoke=true` for
+    `debug=smoke`), else the closest keys of the schema it was looked up in. Every key a run reads is in
+    the typed schemas, so adding one with `+key=` is never the fix (compress.checks.unknown_key)."""
+    import dataclasses
+    import difflib
+    from importlib import resources
+
+    key = str(e.full_key)
+    parent, _, name = key.rpartition(".")
+    if not parent:
+        configs = resources.files("compress.configs")
+        groups = [g for g in GROUPS if "@" not in g and configs.joinpath(g, f"{name}.yaml").is_file()]
+        if groups:
+            return f" (did you mean {groups[0]}={name}?)"
+    schema = getattr(e, "object_type", None)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join(f'{parent}.{c}' if parent else c for c in close)}?)" if close else ""
 
 
 def _hydra_errors() -> tuple[type[BaseException], ...]:
@@ -141,8 +164,9 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
             _fail("hparams_search: a search is a multirun (a run per trial): use "
                   f"`compress run -m hparams_search={o.value()} ...`")
         if o.key_or_group in GROUPS and not o.is_sweep_override() and (
-                not isinstance(o.value(), str) or "${" in o.value()):
-            _fail(f"{o.key_or_group}: must name one of its presets, got {o.input_line.split('=', 1)[-1]!r}")
+                not isinstance(o.value(), str) or "${" in o.value()
+                or max(map(len, o.value().split("/"))) > 200):  # past a file name's length the OS refuses the lookup
+            _fail(f"{o.key_or_group}: must name one of its presets, got {reprlib.repr(o.input_line.split('=', 1)[-1])}")
         if not o.is_sweep_override():
             plain.append(o.input_line)
         elif isinstance(o.value(), ChoiceSweep):
@@ -164,8 +188,8 @@ def _precheck(overrides: list[str], multirun: bool) -> None:
         _fail(str(e))
     _check_parallel_threads(parsed, cfg)
     if any(o.key_or_group == "hparams_search" and o.value() not in (None, "null") for o in parsed):
-        _precheck_search(plain, [o.input_line for o in parsed if o.key_or_group.startswith("hydra")
-                                 and not o.is_sweep_override()])
+        _precheck_search(cfg, plain, [o.input_line for o in parsed if o.key_or_group.startswith("hydra")
+                                      and not o.is_sweep_override()])
 
 
 def _search_values(line: str) -> list[str]:
@@ -184,16 +208,22 @@ def _search_values(line: str) -> list[str]:
     return [o.get_value_element_as_str()]
 
 
-def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
+def _precheck_search(cfg, plain: list[str], hydra_overrides: list[str]) -> None:
     """`hparams_search=<name>` (configs/hparams_search/, compress/job/search.py): the objective's settings and
-    the searched parameters' ends, checked before the first trial starts."""
+    the searched parameters' ends, checked before the first trial starts. `cfg` is the job's composed config:
+    a searched value is set on a copy of it and checked by the typed schema and `to_config`, so only a
+    searched config group (which changes the defaults list) is composed again."""
+    import copy
+
     from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from compress.config import to_config
     from compress.job.search import KEY, SearchObjective
 
     errors = _hydra_errors()
+    parser = OverridesParser.create()
     try:
         with initialize_config_module(config_module="compress.configs", version_base="1.3"):
             full = compose(config_name="config", overrides=plain + hydra_overrides, return_hydra_config=True)
@@ -206,9 +236,16 @@ def _precheck_search(plain: list[str], hydra_overrides: list[str]) -> None:
                     _fail(f"{KEY}: {e} (its keys: max_drop, metric, accuracy, penalty)")
             params = OmegaConf.to_container(full.hydra.sweeper.get("params") or {}, resolve=True)
             for key, spec in params.items():
+                name = key.lstrip("+~")
                 for value in _search_values(f"{key}={spec}"):
                     try:
-                        to_config(compose(config_name="config", overrides=[*plain, f"{key}={value}"]))
+                        if name in GROUPS:
+                            trial = compose(config_name="config", overrides=[*plain, f"{key}={value}"])
+                        else:
+                            trial = copy.deepcopy(cfg)
+                            OmegaConf.update(trial, name, parser.parse_override(f"{name}={value}").value(),
+                                             merge=False)
+                        to_config(trial)
                     except CompressError as e:
                         _fail(f"hydra.sweeper.params: {key}={spec} takes {value}: {e}")
                     except errors as e:
@@ -286,10 +323,10 @@ def _data_parallel_argv(argv: list[str]) -> list[str]:
 def run(argv: list[str]) -> None:
     import hydra
 
-    from compress.config import register_configs
-    from compress.job.runtime import tune_allocator
+    from compress.job.compose import register_configs
+    from compress.runtime import tune_allocator
 
-    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/job/runtime.py)
+    tune_allocator()  # freed tensors are reused instead of page-faulted in again (compress/runtime.py)
     register_configs()
     argv = _data_parallel_argv(argv)
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--") for a in argv):
@@ -310,8 +347,8 @@ def main() -> None:
     if cmd == "run":
         run(rest)
     elif cmd in ("report", "compare", "plot", "export"):
-        from compress.deploy import commands as deploy
-        from compress.report import commands as reporting
+        from compress.commands import export as deploy
+        from compress.commands import report as reporting
 
         if cmd == "report":
             command = reporting.report_summary if "--summary" in rest else reporting.report

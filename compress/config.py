@@ -20,13 +20,12 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from compress import CompressError
-from compress.checks import MAX_COUNT, fail, int_in, is_count, is_number, number_in, require, require_choice
+from compress.checks import MAX_COUNT, fail, int_in, is_count, is_number, number_in, require, require_choice, unknown_key
 
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 128  # more OpenMP threads than this only costs memory (thread stacks) on any machine we know
 
 
-# ----------------------------------------------------------------------------------------------------
 VAL_SOURCES = ("train", "test")
 
 
@@ -396,35 +395,13 @@ class Config:
             self.pretrain = self.limits.schedule(self.pretrain)
 
 
-# ----------------------------------------------------------------------------------------------------
-_registered = False
-
-
-def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore: the root schema (`config_schema`, first in
-    configs/config.yaml's defaults), every method's options as `method/<name>`, and the experiment
-    table's rows as `experiment/<name>`. Idempotent."""
-    global _registered
-    if _registered:
-        return
-    from hydra.core.config_store import ConfigStore
-
-    from compress.job.experiments import register_experiments
-    from compress.methods import METHODS
-
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for name, cls in METHODS.items():
-        cs.store(group="method", name=name, node=cls.Options)
-    register_experiments(cs)
-    _registered = True
-
-
 def to_config(cfg) -> Config:
     """The composed DictConfig as typed dataclasses, with every range checked (CompressError)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if unknown := unknown_key(cfg):  # added with +key=... but in no schema: to_object would drop it silently
+        raise CompressError(unknown)
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -438,13 +415,3 @@ def to_config(cfg) -> Config:
         raise CompressError("method: choose a method group option (method=<name>)")
     return config
 
-
-def compose(overrides: list[str]) -> Config:
-    """Compose and check a config from command-line style overrides, without running anything
-    (tests and tools; `compress run` goes through Hydra's own entry point)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    register_configs()
-    with initialize_config_module(config_module="compress.configs", version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import CompressError
-from compress.config import compose
 from compress.data.base import TensorSplit
 from compress.data.synthetic import make_synthetic
 from compress.deploy import attacks
+from compress.job.compose import compose
 from compress.report import results
 from compress.training import train
 from tests.conftest import compress_cli

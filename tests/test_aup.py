@@ -258,7 +258,7 @@ def test_unknown_option_is_one_line(tmp_path):
 def test_a_final_row_without_fine_tune_reports_the_accepted_model_not_the_rolled_back_one(tmp_path):
     """schedule.epochs=0 and the last round rolled back: the final row repeats the last *accepted* model's
     numbers (the model saved), not the thrown-away candidate's."""
-    from compress.config import compose
+    from compress.job.compose import compose
     from compress.job.pipeline import Run
 
     run_dir = tmp_path / "run"

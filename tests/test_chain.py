@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compress import CompressError, layers, models
-from compress.config import compose
 from compress.job import checkpoints, sources
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.layers.quant import ActivationFakeQuant, quantised_widths
 from compress.layers.series import series_kernel_of

@@ -121,42 +121,44 @@ def test_compare_join(sweep, published_csv):
     assert old["top1_vs_paper"] == pytest.approx(89.9 - 89.83)
 
 
-def test_link_prefers_the_run_column_and_survives_a_failing_lookup(sweep, published_csv):
-    def boom(name):
-        raise RuntimeError("composition failed")
+def test_link_prefers_the_run_column(sweep, published_csv):
+    asked = []
 
-    table = compare.compare(results.gather([sweep]), compare.load_published(published_csv), resolve=boom)
-    assert list(table["paper_row"]) == ["cfdp_t2_resnet56_cfdp", "no_such_id", "", "cfdp_t2_resnet56_hrank", ""]
+    def resolve(name):
+        asked.append(name)
+        return "from_the_experiment"
+
+    table = compare.compare(results.gather([sweep]), compare.load_published(published_csv), resolve=resolve)
+    # only the run from before the paper_row column falls back to its experiment; paper_row="" chose no row
+    assert list(table["paper_row"]) == ["cfdp_t2_resnet56_cfdp", "no_such_id", "", "cfdp_t2_resnet56_hrank",
+                                        "from_the_experiment"]
+    assert asked == ["approxconv_resnet20_cos_3322"]
     # no published table at all: our numbers, empty paper columns
     table = compare.compare(results.gather([sweep]), None, resolve=lambda name: "")
     assert table["paper_top1"].isna().all() and table.loc[0, "top1"] == 90.58
 
 
-def test_experiment_paper_row_lookup(monkeypatch):
-    import compress.config
-    import compress.job.experiments
+def test_experiment_paper_row_reads_the_experiment_files(monkeypatch):
+    import compress.report.papers
 
-    class Row:
-        def __init__(self, name, paper_row):
-            self.name, self.paper = name, {"paper_row": paper_row}
-
-    calls = []
-    monkeypatch.setattr(compress.job.experiments, "approxconv_rows", lambda: [Row("t_a", "approx_a"), Row("t_b", "")])
-
-    def fake_compose(overrides):
-        calls.append(overrides)
-        if overrides == ["experiment=t_broken"]:
-            raise ValueError("does not compose")
-        return type("Cfg", (), {"paper_row": "yaml_row"})()
-
-    monkeypatch.setattr(compress.config, "compose", fake_compose)
     compare.experiment_paper_row.cache_clear()
     try:
-        assert compare.experiment_paper_row("t_a") == "approx_a"  # the table's column, no composition
-        assert compare.experiment_paper_row("t_b") == "yaml_row"  # composed
-        assert compare.experiment_paper_row("t_b") == "yaml_row" and len(calls) == 1  # cached
-        assert compare.experiment_paper_row("t_broken") == ""
-        assert compare.experiment_paper_row("") == ""
+        # a YAML experiment's own key, and a generated ApproxConv row's table column
+        assert compare.experiment_paper_row("cfdp_resnet56") == "cfdp-t2-resnet56-cfdp-1"
+        row = compress.report.papers.approxconv_rows()[0]
+        assert compare.experiment_paper_row(row.name) == row.paper_row != ""
+        # unknown names, and names that are not a file name, link to nothing
+        for name in ("no_such_experiment", "", "../config", "a/b"):
+            assert compare.experiment_paper_row(name) == ""
+        # a broken ApproxConv table leaves the YAML experiments linked
+        compare.experiment_paper_row.cache_clear()
+
+        def broken():
+            raise ValueError("tables/approxconv.csv: row 3: paper_row is empty")
+
+        monkeypatch.setattr(compress.report.papers, "approxconv_rows", broken)
+        assert compare.experiment_paper_row("scap_vgg16") != ""
+        assert compare.experiment_paper_row(row.name) == ""
     finally:
         compare.experiment_paper_row.cache_clear()
 

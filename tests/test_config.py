@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from compress import CompressError, models
-from compress.config import LimitsConfig, ScheduleConfig, compose
+from compress.config import LimitsConfig, ScheduleConfig
 from compress.deploy import measure
+from compress.job.compose import compose
 from compress.job.ledger import RunLedger, fingerprint
 from compress.job.rounds import IterativeSchedule
 from compress.training.train import make_scheduler
@@ -48,6 +49,18 @@ def test_wrong_types_and_unknown_keys_fail_at_composition(override):
 
     with pytest.raises((HydraException, CompressError)):
         compose([override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+foo=1", "foo: unknown config option"),
+    ("+schedule.epoch=3", "schedule.epoch: unknown config option (did you mean: schedule.epochs?)"),
+    ("+method.harmonic=3", "method.harmonic: unknown config option"),
+])
+def test_a_key_added_with_plus_that_no_schema_has_is_refused(override, message):
+    # Hydra adds it; OmegaConf.to_object would drop it and the run would silently use the default.
+    with pytest.raises(CompressError) as e:
+        compose(["method=l1", override])
+    assert str(e.value) == message
 
 
 def test_smoke_preset_caps_every_schedule_and_keeps_one_shot_runs_one_shot():
@@ -187,7 +200,7 @@ def test_interleaved_timing_gives_the_speed_up_over_the_first_call(monkeypatch):
 
 
 def test_rows_time_the_speed_up_against_the_baseline_in_pytorch_and_onnx_runtime(tmp_path, quick_args, threads):
-    from compress.config import compose
+    from compress.job.compose import compose
     from compress.job.pipeline import Run
     from tests.test_pipeline import rows
 

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import CompressError
-from compress.config import ScheduleConfig, compose
+from compress.config import ScheduleConfig
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.training import train
 from tests.conftest import compress_cli, interrupt_after_first_epoch, metrics_rows

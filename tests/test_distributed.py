@@ -27,7 +27,7 @@ rows = metrics_rows
 
 
 def test_two_processes_give_one_process_rows_for_the_same_global_batch(tmp_path):
-    from compress.config import compose
+    from compress.job.compose import compose
     from compress.job.pipeline import Run
 
     cache = f"paths.cache={tmp_path / 'cache'}"

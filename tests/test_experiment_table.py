@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from compress.job.experiments import SCHEDULES, approxconv_rows, experiment_node, parse_harmonics, read_rows
+from compress.job.experiments import SCHEDULES, experiment_node
+from compress.report.papers import APPROXCONV_DATASETS, approxconv_rows, parse_harmonics, read_rows
 from tests.conftest import REPO
 
 ROWS = approxconv_rows()
@@ -38,7 +39,7 @@ def compose_in(overrides: list[str]):
 @pytest.fixture(scope="module")
 def compose_with():
     """compose(overrides) on the installed configs, with the schemas and the table registered."""
-    from compress.config import register_configs
+    from compress.job.compose import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -51,7 +52,7 @@ def test_the_table_holds_every_paper_row_once():
     assert len(ROWS) == 65 and len(set(NAMES)) == 65
     assert all(name.startswith("approxconv_") for name in NAMES)
     assert {row.table for row in ROWS} == {"1", "2", "3", "4"}
-    assert {row.dataset for row in ROWS} <= set(SCHEDULES)
+    assert {row.dataset for row in ROWS} <= set(APPROXCONV_DATASETS) == set(SCHEDULES)  # each data set has its schedule
     printed = {"1": ("paper_pre_top1", "paper_post_top1", "paper_params_m"),
                "2": ("paper_pre_top1", "paper_post_top1", "paper_params_m"),
                "3": ("paper_pre_top1", "paper_post_top1", "paper_params_m"),
@@ -175,7 +176,7 @@ def test_every_row_composes_exactly_as_its_old_yaml_file(tmp_path):
     (config_dir / "legacy_experiment").mkdir()
     for name, text in legacy.items():
         (config_dir / "legacy_experiment" / f"{name}.yaml").write_text(text)
-    from compress.config import register_configs
+    from compress.job.compose import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from compress.job.experiments import approxconv_rows
+from compress.report.papers import approxconv_rows
 from tests.conftest import REPO, compress_cli
 
 # The YAML files and the rows of the ApproxConv table (compress/job/experiments.py registers them).

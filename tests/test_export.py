@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compress import CompressError, cli, models
-from compress.config import compose
 from compress.deploy import export
 from compress.job import sources
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.layers.quant import ActivationFakeQuant
 from compress.methods import get

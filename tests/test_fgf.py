@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress import CompressError, layers, models
-from compress.config import compose
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.job.rounds import IterativeSchedule
 from compress.layers import deployable, fgf, masks

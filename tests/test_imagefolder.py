@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from compress import CompressError
-from compress.config import DatasetConfig, compose
+from compress.config import DatasetConfig
 from compress.data import build
 from compress.data.cifar import load_cifar10
 from compress.data.folder import StreamSplit
+from compress.job.compose import compose
 from tests.conftest import CIFAR, needs_shared
 
 # Class folder names, created out of order: classes are the sorted folder names.

@@ -58,7 +58,7 @@ def test_the_slurm_launcher_config_composes_for_submitit():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_module
 
-    from compress.config import register_configs
+    from compress.job.compose import register_configs
 
     register_configs()
     with initialize_config_module(config_module="compress.configs", version_base="1.3"):

@@ -154,7 +154,7 @@ def test_method_builds_from_its_default_options_and_declares_consistent_capabili
 
 @pytest.fixture
 def hydra_configs():
-    from compress.config import register_configs
+    from compress.job.compose import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -243,7 +243,7 @@ def test_round_state_survives_state_pt(name):
 # -- every experiment composes and builds its method ------------------------------------------------------
 def experiment_names() -> list[str]:
     """Every option of the `experiment` group: YAML files and the rows registered in the ConfigStore."""
-    from compress.config import register_configs
+    from compress.job.compose import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -302,7 +302,7 @@ def approxconv_row(name: str) -> dict:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds_its_method(experiment):
-    from compress.config import compose as compose_config
+    from compress.job.compose import compose as compose_config
 
     config = compose_config([f"experiment={experiment}"])
     assert config.arch.name in models.names()
@@ -325,6 +325,6 @@ def test_every_experiment_composes_and_builds_its_method(experiment):
 
 @functools.lru_cache(maxsize=None)
 def reference_schedule(arch: str, dataset: str, schedule: str):
-    from compress.config import compose as compose_config
+    from compress.job.compose import compose as compose_config
 
     return compose_config([f"arch={arch}", f"dataset={dataset}", f"schedule={schedule}"]).schedule

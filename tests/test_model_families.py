@@ -4,7 +4,7 @@ on torchvision's families (random weights, 32x32 inputs, 10 classes), as the pip
 - a structured method at `target_macs=0.5` lands within 1 % of half the MACs (compress.deploy.measure's counter);
 - the compressed model runs forward;
 - its `model.pt` (checkpoints.pack, with the builder spec) reloads through sources.load_saved into the same
-  outputs, and `compress export` of it (deploy.commands.export_model: ONNX, checked in ONNX Runtime) matches PyTorch.
+  outputs, and `compress export` of it (commands.export.export_model: ONNX, checked in ONNX Runtime) matches PyTorch.
 
 `make test` runs a fast subset (regnet_x_400mf under l1: its grouped convs failed before, and the two
 grouped-conv unit tests); `make test-full` the whole matrix (54 cases, ~15 min on 2 shared cores).
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compress import models
-from compress.deploy.commands import export_model
+from compress.commands.export import export_model
 from compress.deploy.measure import count_macs
 from compress.job import checkpoints, sources
 from compress.methods import METHODS

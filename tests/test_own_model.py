@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from compress import CompressError, models
-from compress.config import compose
-from compress.deploy.commands import export_model
+from compress.commands.export import export_model
 from compress.job import checkpoints, sources
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.methods import METHODS
 from compress.models import Spec

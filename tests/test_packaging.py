@@ -46,7 +46,7 @@ def test_wheel_carries_configs_and_composes_from_any_directory(tmp_path):
     assert modules - names == set()
     # From the wheel alone, in another directory: a YAML experiment and a row of the ApproxConv table (CSV).
     code = ("import compress, sys; assert compress.__file__.startswith(sys.argv[1]), compress.__file__\n"
-            "from compress.config import compose\n"
+            "from compress.job.compose import compose\n"
             "for name in ('cfdp_resnet56', 'approxconv_resnet32_cheb_3322'):\n"
             "    c = compose([f'experiment={name}'])\n"
             "    print(c.method.name, c.arch.name, c.method.compress_rate if c.method.name == 'cfdp' else c.method.harmonics)")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from compress import CompressError
-from compress.config import compose
-from compress.job.experiments import approxconv_rows
+from compress.job.compose import compose
 from compress.report import papers
+from compress.report.papers import approxconv_rows
 from compress.report.results import COLUMNS as METRICS_COLUMNS
 from tests.conftest import REPO
 

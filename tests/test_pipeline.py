@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from compress import CompressError
-from compress.config import compose
 from compress.job import checkpoints
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.methods import METHODS, Method
 from compress.report import results
@@ -61,6 +61,13 @@ def test_run_writes_metrics_config_log_and_reloadable_model(tmp_path, quick_args
     ("dataset.val_size=0", "error: dataset.val_size: must be an integer in [1, "),
     ("schedule.epochs=abc", "error: schedule.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
     ("method.no_such_key=3", "error: method.no_such_key: unknown config option"),
+    # what the user probably meant, never "+key=" (a key no schema has would be dropped silently)
+    ("smoke=true", "error: smoke: unknown config option (did you mean debug=smoke?)"),
+    ("schedule.epoch=3", "error: schedule.epoch: unknown config option (did you mean: schedule.epochs?)"),
+    ("+schedule.epoch=3", "error: schedule.epoch: unknown config option (did you mean: schedule.epochs?)"),
+    ("+no_such_option=1", "error: no_such_option: unknown config option"),
+    ("++method.no_such_key=3", "error: method.no_such_key: unknown config option"),
+    ("dataset=" + "x" * 300, "error: dataset: must name one of its presets, got 'xxx"),  # past a file name's length
     ("method=no_such_method", "Could not find 'method/no_such_method'"),
     ("method=aup", "error: schedule.rounds: method 'aup' works in rounds; set schedule.rounds > 0"),
     ("device=cuda" if not torch.cuda.is_available() else "device=nonsense", "error: device: "),

@@ -1,4 +1,4 @@
-"""compress.job.runtime.tune_allocator: freed CPU tensors are reused instead of page-faulted in again."""
+"""compress.runtime.tune_allocator: freed CPU tensors are reused instead of page-faulted in again."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ glibc_linux = pytest.mark.skipif(
 # glibc's own moving thresholds sometimes keep the memory too, so the default case would not be reliable.)
 PROBE = """
 import resource, sys, torch
-from compress.job.runtime import tune_allocator
+from compress.runtime import tune_allocator
 applied = tune_allocator() if sys.argv[1] == "tuned" else False
 x = torch.randn(128, 16, 32, 32)
 for _ in range(3):
@@ -74,9 +74,9 @@ class FakeLibc:
 
 @pytest.fixture
 def fresh_runtime(monkeypatch):
-    """compress.job.runtime as if `tune_allocator` had never run, with a fake libc (the real malloc of the
+    """compress.runtime as if `tune_allocator` had never run, with a fake libc (the real malloc of the
     test process is left alone). Yields a function installing a FakeLibc and returning it."""
-    from compress.job import runtime
+    from compress import runtime
 
     monkeypatch.setattr(runtime, "_applied", None)
     monkeypatch.delenv("COMPRESS_MALLOC_TUNING", raising=False)
@@ -97,7 +97,7 @@ def fresh_runtime(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tune_allocator only acts on Linux")
 def test_tune_allocator_sets_the_three_thresholds_once(fresh_runtime):
-    from compress.job import runtime
+    from compress import runtime
 
     libc = fresh_runtime()
     assert runtime.tune_allocator() is True
@@ -109,7 +109,7 @@ def test_tune_allocator_sets_the_three_thresholds_once(fresh_runtime):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tune_allocator only acts on Linux")
 def test_tune_allocator_reports_false_when_it_cannot_apply(fresh_runtime, monkeypatch):
-    from compress.job import runtime
+    from compress import runtime
 
     refused = fresh_runtime(result=0)  # mallopt answers 0: the setting is not in effect
     assert runtime.tune_allocator() is False

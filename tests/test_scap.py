@@ -16,6 +16,7 @@ from compress.methods.scap import SCAP, SCAPOptions
 from compress.methods.structured import L1Options, L1Pruning
 from compress.prune import engine
 from compress.prune.rates import RateSpec
+from compress.prune.scorers import filter_l1
 from tests.contexts import cpu_context
 
 # The rule before issue 26 (per-layer min-max of the uncentred fidelity, no L1 term, no per-layer floor), which
@@ -232,7 +233,7 @@ def test_fusion_at_l1_weight_zero_one_and_half():
 
 def test_raw_l1_norms_and_their_scale_do_not_matter():
     conv = nn.Conv2d(3, 4, 3, bias=False)
-    l1 = scap.filter_l1(conv.weight)
+    l1 = filter_l1(conv.weight)
     assert torch.allclose(l1, conv.weight.detach().abs().sum((1, 2, 3)))
     assert torch.allclose(scap.minmax(l1), scap.minmax(1000 * l1))
 
@@ -433,7 +434,7 @@ def test_coupled_group_is_the_renormalised_mean_of_its_layers_terms(monkeypatch)
     method = SCAP(Opts(l1_weight=0.25))
     fid = method.fidelities(model, ctx, {n: plan.convs[n] for n in members})
     mean_fid = torch.stack([scap.fidelity_term(fid[n]) for n in members]).mean(0)
-    mean_l1 = torch.stack([scap.minmax(scap.filter_l1(plan.convs[n].weight)) for n in members]).mean(0)
+    mean_l1 = torch.stack([scap.minmax(filter_l1(plan.convs[n].weight)) for n in members]).mean(0)
     expected = 0.75 * scap.minmax(mean_fid) + 0.25 * scap.minmax(mean_l1)
     got = method._group_scores(model, ctx, plan, plan.target_keep())[group]
     assert torch.allclose(got, expected, atol=1e-6)

@@ -10,6 +10,7 @@ from compress.methods import scap
 from compress.methods.scap import SCAP, SCAPOptions
 from compress.prune import engine, importance
 from compress.prune.rates import RateSpec
+from compress.prune.scorers import filter_l1
 from tests.test_scap import make_ctx, tiny_model
 
 
@@ -67,7 +68,7 @@ def test_global_readings_average_a_coupled_group_without_renormalising(monkeypat
     _fixed(monkeypatch, fid)
     method = SCAP(SCAPOptions(normalise="raw", l1_weight=0.25, l1_norm="max"))
     got = method._group_scores(model, make_ctx(size=8), plan, plan.target_keep())[group]
-    l1 = [importance.l1_term(scap.filter_l1(plan.convs[n].weight), "max") for n in members]
+    l1 = [importance.l1_term(filter_l1(plan.convs[n].weight), "max") for n in members]
     expected = torch.stack([0.75 * (1 - fid[n]) + 0.25 * w for n, w in zip(members, l1)]).mean(0)
     assert torch.allclose(got, expected, atol=1e-6)
     assert float(got.max()) < 1  # the raw scale survives: no min-max over the group

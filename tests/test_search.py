@@ -189,7 +189,8 @@ def test_preset_composes_into_an_optuna_search_of_a_checked_objective(preset):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from compress.config import register_configs, to_config
+    from compress.config import to_config
+    from compress.job.compose import register_configs
 
     register_configs()
     with initialize_config_module(config_module="compress.configs", version_base="1.3"):

@@ -43,7 +43,7 @@ def test_pretrained_resnet20_reproduces_published_top1_and_val_from_test_is_hone
     """The published checkpoint, evaluated end to end by the CLI, gives the published top-1. Held out of
     train/, validation reads ~100 % for a checkpoint trained on all of it (decisions are blind);
     val_from=test validates on one fixed half of the test set and reports the other: the two agree."""
-    from compress.config import compose
+    from compress.job.compose import compose
     from compress.job.pipeline import Run
 
     blind, honest = tmp_path / "blind", tmp_path / "honest"

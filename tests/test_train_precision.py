@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.config import ScheduleConfig, compose
+from compress import runtime
+from compress.config import ScheduleConfig
 from compress.data import TensorSplit
 from compress.data.synthetic import make_synthetic
-from compress.job import runtime
+from compress.job.compose import compose
 from compress.job.pipeline import Run
 from compress.training import train
 

@@ -15,7 +15,7 @@ WEIGHTS = REPO / "weights"
 
 
 def test_the_committed_vgg16_bn_is_the_file_its_name_and_config_say(tmp_path):
-    from compress.config import compose
+    from compress.job.compose import compose
 
     spec = compose(["arch=vgg16_bn"]).arch.checkpoint
     assert checkpoints.PROJECT_WEIGHTS == WEIGHTS

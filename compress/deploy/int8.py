@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from compress import CompressError
-from compress.job import runtime
+from compress import CompressError, runtime
 
 log = logging.getLogger("compress")
 
@@ -40,7 +39,7 @@ SHOWN_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNN
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (compress.job.runtime.cpu_info: Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU's feature flags (compress.runtime.cpu_info: Linux /proc/cpuinfo; empty elsewhere)."""
     return runtime.cpu_info()[1]
 
 

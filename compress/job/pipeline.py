@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import CompressError, layers, methods
+from compress import CompressError, layers, methods, runtime
 from compress import data as datasets
 from compress.config import Config, ScheduleConfig
 from compress.deploy import attacks, measure
-from compress.job import checkpoints, runtime, sources
+from compress.job import checkpoints, sources
 from compress.job.ledger import Progress, RunLedger, fingerprint
 from compress.job.rounds import IterativeSchedule
 from compress.methods.base import Context, Method

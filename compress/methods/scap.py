@@ -65,6 +65,7 @@ from compress.prune.importance import (  # noqa: F401 (the importance helpers, r
     l1_term,
     minmax,
 )
+from compress.prune.scorers import filter_l1
 
 SPECTRA = ("log", "magnitude", "power")
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
@@ -191,11 +192,6 @@ def fidelity_sums(
         for start in range(0, cout, step)
     ]
     return torch.cat(sums)
-
-
-def filter_l1(weight: torch.Tensor) -> torch.Tensor:
-    """Filter L1 norms of a conv weight (C, ...): (C,)."""
-    return weight.detach().abs().flatten(1).sum(1).float().cpu()
 
 
 # A channel whose maps' RMS over the calibration images is at most this fraction of its layer's loudest is

@@ -9,9 +9,14 @@ import torch
 from torch import nn
 
 
+def filter_l1(weight: torch.Tensor) -> torch.Tensor:
+    """L1 norm of each output filter of a conv weight (C, ...): sum over |W[o, ...]|, (C,) float on the CPU."""
+    return weight.detach().abs().flatten(1).sum(1).float().cpu()
+
+
 def l1_scores(layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
-    """L1 norm of each output filter: sum over |W[o, :, :, :]| (Li et al. 2017)."""
-    return {name: conv.weight.detach().abs().flatten(1).sum(1).float().cpu() for name, conv in layers.items()}
+    """L1 norm of each output filter (Li et al. 2017)."""
+    return {name: filter_l1(conv.weight) for name, conv in layers.items()}
 
 
 def random_scores(layers: dict[str, nn.Conv2d], seed: int) -> dict[str, torch.Tensor]:

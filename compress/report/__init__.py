@@ -1,3 +1,3 @@
-"""Reporting: the metrics rows and `compress report`, the papers' published numbers, `compress compare` and
-`compress plot`.
+"""Reporting: the metrics rows, the papers' tables (published numbers, the ApproxConv rows), our runs beside
+them (compare) and the figures (plot); the `report`, `compare` and `plot` commands are in compress/commands/.
 """

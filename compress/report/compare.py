@@ -6,15 +6,17 @@ A run is the rows of one metrics.csv (`compress.report.results.gather`): `baseli
 compressed row, and `top1`, params, MACs and reductions from the final row; a run not finished yet shows
 its last recorded stage instead (column `stage`; a rolled-back round does not count).
 
-A run links to a published row by id: its `paper_row` column when the run wrote one, otherwise the
-`paper_row` of the experiment that made it (the ApproxConv table's column, or the composed experiment
-config's key), looked up once per experiment name; anything that fails to resolve means "no link".
+A run links to a published row by id: its `paper_row` column when the run wrote one, otherwise (runs from
+before that column) the `paper_row` of the experiment that made it (the ApproxConv table's column, or the
+key in the experiment's YAML file), looked up once per experiment name; a name that resolves to nothing
+means "no link".
 """
 from __future__ import annotations
 
 import functools
 import math
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -90,25 +92,34 @@ def load_published(path: Path | None = None):
 
 # --- linking a run to its paper row --------------------------------------------------------------
 
+# An experiment's name as it can appear in a metrics.csv: a file name under configs/experiment/, nothing else.
+_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 @functools.lru_cache(maxsize=None)
 def experiment_paper_row(name: str) -> str:
-    """The `paper_row` of experiment `name` ("" when it has none or cannot be composed): the ApproxConv
-    table's column for its rows, else the composed config's key. Cached: composing takes seconds."""
-    if not name:
+    """The `paper_row` of experiment `name`, for runs written before runs recorded their own ("" when
+    there is none): the ApproxConv table's column for the rows it generates, else the key as written in
+    configs/experiment/<name>.yaml. Read as YAML, not composed: every experiment file sets the key itself,
+    so the link needs neither Hydra nor a config that still composes."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    from compress.report.papers import approxconv_rows
+
+    if not _EXPERIMENT_NAME.fullmatch(name or ""):
         return ""
     try:
-        from compress.job.experiments import approxconv_rows
-
         for row in approxconv_rows():
-            if row.name == name and row.paper.get("paper_row", "").strip():
-                return row.paper["paper_row"].strip()
-    except Exception:  # noqa: BLE001 - no link, whatever went wrong
+            if row.name == name:
+                return row.paper_row
+    except (OSError, ValueError):  # a broken ApproxConv table: `compress run` says so; here, no link
         pass
+    source = resources.files("compress.configs").joinpath("experiment", f"{name}.yaml")
     try:
-        from compress.config import compose
-
-        value = getattr(compose([f"experiment={name}"]), "paper_row", "")
-    except Exception:  # noqa: BLE001 - an experiment that no longer composes: no link
+        value = OmegaConf.create(source.read_text(encoding="utf-8")).get("paper_row")
+    except (OSError, YAMLError, OmegaConfBaseException):  # gone, or not a mapping: no link
         return ""
     return str(value).strip() if value else ""
 
@@ -122,10 +133,7 @@ def _link(run: dict, resolve: Callable[[str], str], wrote_column: bool = False) 
     experiment = str(run.get("experiment") or "").strip()
     if not experiment or experiment.lower() == "nan":
         return ""
-    try:
-        return str(resolve(experiment) or "").strip()
-    except Exception:  # noqa: BLE001 - no link
-        return ""
+    return str(resolve(experiment) or "").strip()
 
 
 # --- one line per run ------------------------------------------------------------------------------
@@ -222,7 +230,7 @@ def compare(table, published=None, resolve: Callable[[str], str] | None = None):
 
 def summary(table):
     """`compress report --summary`: one line per run (SUMMARY_COLUMNS); wall_s is the sum over its stages."""
-    ours = runs(table, resolve=lambda name: "")  # the summary shows no paper: never compose
+    ours = runs(table, resolve=lambda name: "")  # the summary shows no paper: no lookup
     return ours[list(SUMMARY_COLUMNS)]
 
 

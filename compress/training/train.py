@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress import CompressError
+from compress import CompressError, runtime
 from compress.config import ScheduleConfig
 from compress.data.base import Split
-from compress.job import runtime
 from compress.training import distributed
 
 log = logging.getLogger("compress")
@@ -32,7 +31,7 @@ def autocast(device: torch.device, enabled: bool):
 
 def training_autocast(device: torch.device, dtype: torch.dtype | None):
     """The training steps' context (forward, loss, a distillation teacher's forward): autocast to `dtype`
-    (compress.job.runtime.training_dtype, decided once per fit: bfloat16 on CUDA and on a CPU with native
+    (compress.runtime.training_dtype, decided once per fit: bfloat16 on CUDA and on a CPU with native
     bfloat16, when schedule.amp is on), or float32 for None."""
     if dtype is None:
         return contextlib.nullcontext()

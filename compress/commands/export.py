@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress import CompressError
-from compress.report.commands import parser
+from compress.commands.report import parser
 
 
 def export_model(argv: list[str]) -> None:
