@@ -54,6 +54,27 @@ def test_run_writes_metrics_config_log_and_reloadable_model(tmp_path, quick_args
     assert (run_dir / "metrics.csv").read_text() == before
 
 
+def test_a_run_from_a_compressed_model_pt_saves_a_model_pt_that_reloads(tmp_path, quick_args):
+    """Fine-tuning (method=none) or pruning again a pruned model.pt: the saved file keeps the structure it
+    started from (as one chain when both steps change it), so it reloads and exports."""
+    from compress.job import sources
+
+    args = [a for a in quick_args if not a.startswith("method=")] + ["schedule.epochs=0"]
+    pruned, tuned, again = tmp_path / "pruned", tmp_path / "tuned", tmp_path / "again"
+    compress_cli("run", *args, "method=l1", "method.compress_rate=0.5", f"hydra.run.dir={pruned}", check=True)
+    compress_cli("run", *args, "method=none", f"arch.checkpoint={pruned / 'model.pt'}", f"hydra.run.dir={tuned}",
+                 check=True)
+    compress_cli("run", *args, "method=l1", "method.compress_rate=0.5", f"arch.checkpoint={pruned / 'model.pt'}",
+                 f"hydra.run.dir={again}", check=True)
+    params = {run: int(rows(run)[-1]["params"]) for run in (pruned, tuned, again)}
+    assert params[tuned] == params[pruned] < 269722 and params[again] < params[pruned]
+    for run, method in ((tuned, "l1"), (again, "chain")):
+        saved = sources.load_saved(run)
+        assert saved.method == method
+        assert sum(p.numel() for p in saved.model.parameters()) == params[run]
+        assert saved.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("override,expected", [
     ("no_such_option=1", "error: no_such_option: unknown config option"),
     ("schedule.epochs=-1", "error: schedule.epochs: must be an integer in [0, "),

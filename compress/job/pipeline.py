@@ -58,6 +58,7 @@ class Run:
         self.device = distributed.setup(config.device) or resolve_device(config.device)
         self.method = build_method(config.method)
         self._reference: nn.Module | None = None  # the baseline, for timing speed-ups (_latency_reference)
+        self.starting_steps: list[dict] = []  # the compression the starting model.pt carried (_starting_model)
         self.spec = config.arch.spec  # the builder model.pt stores (compress.models.Spec)
         self.arch = self.spec.label   # its name in rows, logs and the methods' Context
         iterative = config.schedule.rounds > 0
@@ -190,6 +191,7 @@ class Run:
         fine-tunes distil, the model `arch.checkpoint` names is also the teacher (`self.teacher`), loaded
         again on resume and checked against the digest recorded when the run started."""
         self.teacher = None
+        self.starting_steps = sources.starting_steps(self.config)
         loaded = None
         if self.ledger.saved_model is None or self.config.schedule.distilling:
             loaded = sources.starting_model(self.config, self.data, self.device).to(self.device)
@@ -304,8 +306,14 @@ class Run:
         return dict(last, stage=stage, status="", wall_s=round(time.perf_counter() - started, 2))
 
     def _pack(self, model: nn.Module) -> dict:
-        return checkpoints.pack(model, self.spec, self.method.name, self.method.meta(model),
-                                num_classes=self.data.num_classes, input_shape=self.data.image_shape)
+        """model.pt: the method's structure, after the structure the starting model.pt already had (a run from a
+        compressed model then saves the two as one chain, which rebuilds both)."""
+        method, meta = self.method.name, self.method.meta(model)
+        steps = self.starting_steps + sources.compression_steps({"method": method, "meta": meta})
+        if self.starting_steps:
+            method, meta = ("chain", {"steps": steps}) if len(steps) > 1 else (steps[0]["method"], steps[0]["meta"])
+        return checkpoints.pack(model, self.spec, method, meta, num_classes=self.data.num_classes,
+                                input_shape=self.data.image_shape)
 
     def _record(self, row: dict, model: nn.Module, progress: Progress | None = None) -> None:
         self.ledger.record(row, self._pack(model), self.method.state_dict(), progress)

@@ -147,6 +147,27 @@ def starting_model(config, data: Data, device: torch.device) -> nn.Module:
     return from_file(spec, arch, data.num_classes, config.paths.weights, cache)
 
 
+def compression_steps(packed: dict) -> list[dict]:
+    """The compression a packed model.pt carries, as a chain's steps ({"method", "meta"}, in order): none for
+    an uncompressed file, a chain's own steps, else its one method."""
+    method = packed.get("method")
+    if method in (None, "none"):
+        return []
+    if method == "chain":
+        return [dict(step) for step in (packed.get("meta") or {}).get("steps", [])]
+    return [{"method": method, "meta": packed.get("meta") or {}}]
+
+
+def starting_steps(config) -> list[dict]:
+    """The compression the model.pt that `arch.checkpoint` names already carries ([] for every other start).
+    A run from it saves these steps before its own method's, so that its model.pt rebuilds the structure."""
+    spec = config.arch.checkpoint
+    if spec in (None, "random", "torchvision"):
+        return []
+    packed = checkpoints.read(checkpoints.resolve(spec, config.paths.weights, Path(config.paths.cache).expanduser()))
+    return compression_steps(packed) if packed.get("format") == checkpoints.FORMAT else []
+
+
 # -- a finished run's model, for `compress export` ---------------------------------------------------------
 @dataclasses.dataclass
 class Saved:
