@@ -70,7 +70,7 @@ def _hydra_message(e: BaseException) -> str:
 
 
 def _unknown_key_hint(e) -> str:
-    """" (did you mean ...?)" for an unknown key: a group's option given as a key (`smoke=true` for
+    """The " (did you mean ...?)" of an unknown key: a group's option given as a key (`smoke=true` for
     `debug=smoke`), else the closest keys of the schema it was looked up in. Every key a run reads is in
     the typed schemas, so adding one with `+key=` is never the fix (compress.checks.unknown_key)."""
     import dataclasses
