@@ -15,7 +15,7 @@
 #          Python 3.12, which already has torch, torchvision, pandas, matplotlib, tqdm, tabulate, onnx) and
 #          .gpu/part-<i>/cifar10.tar (CIFAR-10 as lossless WebP, split so that each part travels beside the tree)
 #   device, once per part:   bash scripts/gpu_window.sh receive         (carry: [".gpu/part-<i>"])
-#       -> the part unpacked under /tmp/gpuwin/webp; make these calls back to back (a machine idle 30 s goes back)
+#       -> the part unpacked under .gpu/win/webp; make these calls back to back (a machine idle 30 s goes back)
 #   device, last:            bash scripts/gpu_window.sh run [SECONDS]   (carry: [".gpu/wheels"]; timeout_s 600)
 #       -> rebuilds the PNG tree (pixels bit-exact), runs the rows within SECONDS (default 540), and leaves in
 #          $OUT: runs.tar.gz (every run's metrics.csv, log and .hydra config), the GoogLeNet checkpoint, summary.txt
@@ -25,7 +25,7 @@
 # GPU_WINDOW_SMOKE=1 runs the same sequence on this CPU in smoke mode (synthetic data), to check the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export W=${GPU_WINDOW_DIR:-/tmp/gpuwin}  # the device-side work folder (data, cache, runs)
+export W=${GPU_WINDOW_DIR:-$PWD/.gpu/win}  # the device-side work folder (data, cache, runs); ignored, so kept between calls
 
 PY=python3  # the device's Python (it holds torch); here, the project's venv
 [[ -x .venv/bin/python && "${1:-}" != run ]] && PY=.venv/bin/python
@@ -109,8 +109,8 @@ run_rows() {
     common+=(debug=smoke device=cpu "paths.cache=$W/cache")
     compress=("$PY" -m compress)
   else
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
-    export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site .gpu/wheels/*.whl
+    export PYTHONPATH=$W/site
     [[ -d $W/cifar10/train ]] || rebuild_pngs
     common+=(device=cuda dataset.root=$W/cifar10 "paths.cache=$W/cache")
     compress=(python3 -m compress)
