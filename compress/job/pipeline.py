@@ -191,10 +191,12 @@ class Run:
         fine-tunes distil, the model `arch.checkpoint` names is also the teacher (`self.teacher`), loaded
         again on resume and checked against the digest recorded when the run started."""
         self.teacher = None
-        self.starting_steps = sources.starting_steps(self.config)
         loaded = None
         if self.ledger.saved_model is None or self.config.schedule.distilling:
-            loaded = sources.starting_model(self.config, self.data, self.device).to(self.device)
+            loaded, self.starting_steps = sources.starting_point(self.config, self.data, self.device)
+            loaded = loaded.to(self.device)
+        else:
+            self.starting_steps = sources.starting_steps(self.config)
         if self.config.schedule.distilling:
             self.teacher = layers.clone(loaded).eval()
             digest, recorded = checkpoints.digest(self.teacher), self.ledger.progress.teacher_digest

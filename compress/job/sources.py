@@ -65,14 +65,20 @@ def unpack(packed: dict, arch: "str | models.Spec | None", num_classes: int | No
 
 def from_file(spec: str, arch: "str | models.Spec", num_classes: int, weights_dirs: Sequence[str], cache: Path) -> nn.Module:
     """The model `arch.checkpoint=spec` names (a file, see checkpoints' docstring for what it may hold)."""
+    return _from_file(spec, arch, num_classes, weights_dirs, cache)[0]
+
+
+def _from_file(spec: str, arch: "str | models.Spec", num_classes: int, weights_dirs: Sequence[str],
+               cache: Path) -> tuple[nn.Module, list[dict]]:
+    """`from_file`, and the compression steps the file carries (`compression_steps`; [] for a plain state dict)."""
     path = checkpoints.resolve(spec, weights_dirs, cache)
     obj = checkpoints.read(path)
     log.info("weights: %s", path)
     if obj.get("format") == checkpoints.FORMAT:
-        return unpack(obj, arch, num_classes, source=str(path))
+        return unpack(obj, arch, num_classes, source=str(path)), compression_steps(obj)
     model = models.build(arch, num_classes)
     checkpoints.load_into(model, checkpoints.plain_state_dict(obj, str(path)), str(path))
-    return model
+    return model, []
 
 
 def from_torchvision(arch: str, num_classes: int) -> nn.Module:
@@ -132,19 +138,25 @@ def pretrained_here(arch: "str | models.Spec", data: Data, dataset: DatasetConfi
     return model
 
 
-def starting_model(config, data: Data, device: torch.device) -> nn.Module:
-    """The model `config.arch.checkpoint` names (see the module docstring)."""
+def starting_point(config, data: Data, device: torch.device) -> tuple[nn.Module, list[dict]]:
+    """The model `config.arch.checkpoint` names (see the module docstring), and the compression steps it
+    already carries (`compression_steps`: only a compressed model.pt has any)."""
     arch, spec = config.arch.spec, config.arch.checkpoint
     cache = Path(config.paths.cache).expanduser()
     if spec == "random":
         log.info("weights: random initialisation (arch.checkpoint=random)")
-        return models.build(arch, data.num_classes)
+        return models.build(arch, data.num_classes), []
     if spec is None:
         return pretrained_here(arch, data, config.dataset, config.pretrain, seed=config.seed,
-                               cache=cache, device=device, eval_batch_size=config.measure.eval_batch_size)
+                               cache=cache, device=device, eval_batch_size=config.measure.eval_batch_size), []
     if spec == "torchvision":
-        return from_torchvision(arch.name, data.num_classes)
-    return from_file(spec, arch, data.num_classes, config.paths.weights, cache)
+        return from_torchvision(arch.name, data.num_classes), []
+    return _from_file(spec, arch, data.num_classes, config.paths.weights, cache)
+
+
+def starting_model(config, data: Data, device: torch.device) -> nn.Module:
+    """The model `config.arch.checkpoint` names (`starting_point` without the steps)."""
+    return starting_point(config, data, device)[0]
 
 
 def compression_steps(packed: dict) -> list[dict]:
@@ -159,8 +171,9 @@ def compression_steps(packed: dict) -> list[dict]:
 
 
 def starting_steps(config) -> list[dict]:
-    """The compression the model.pt that `arch.checkpoint` names already carries ([] for every other start).
-    A run from it saves these steps before its own method's, so that its model.pt rebuilds the structure."""
+    """The compression the model.pt that `arch.checkpoint` names already carries ([] for every other start),
+    without building the model: a resumed run that does not need the starting model still saves these
+    steps before its own method's, so that its model.pt rebuilds the structure."""
     spec = config.arch.checkpoint
     if spec in (None, "random", "torchvision"):
         return []
