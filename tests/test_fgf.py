@@ -683,3 +683,25 @@ def test_output_fit_follows_the_pretrained_layer_better_than_the_weight_fit():
 def test_output_fit_options_are_checked(override, key):
     with pytest.raises(CompressError, match=f"^method.{key}: must be"):
         fgfp(**override)
+
+
+def test_listed_order_converts_in_the_order_the_patterns_name_the_layers():
+    # a sensitivity order measured beforehand (docs/fgfp.md): the least-losing layers first, whatever their size
+    model = models.build("resnet20", 10).eval()
+    method = fgfp(layers=["layer1.1.conv1", "layer3.2.conv2", "layer1.0.*"], order="listed", fit_steps=0, pr=0.25)
+    method.prepare(model, ctx())
+    listed = ["layer1.1.conv1", "layer3.2.conv2", "layer1.0.conv1", "layer1.0.conv2"]
+    assert method.state_dict()["order"] == listed
+    for k, name in enumerate(listed, start=1):
+        assert method.next_layer() == name
+        method.step(model, ctx(), k, 1.0)
+        assert method.state_dict()["converted"] == listed[:k]
+    # the default order is by size: the 64 -> 64 conv first, then module order among the 16 -> 16 ties reversed
+    default = fgfp(layers=["layer1.1.conv1", "layer3.2.conv2", "layer1.0.*"], fit_steps=0, pr=0.25)
+    default.prepare(models.build("resnet20", 10).eval(), ctx())
+    assert default.state_dict()["order"] == ["layer3.2.conv2", "layer1.1.conv1", "layer1.0.conv2", "layer1.0.conv1"]
+
+
+def test_listed_order_needs_patterns_not_a_count():
+    with pytest.raises(CompressError, match=r"method\.order: must be 'largest' while method\.layers is a count \(3\)"):
+        fgfp(layers=3, order="listed")

@@ -47,6 +47,8 @@ log = logging.getLogger("compress")
 MAX_TERMS = 100
 MAX_RESTARTS = 16
 CONVERT = ("one_by_one", "all")
+# one_by_one's order: the largest layer first, or as `layers` lists them (a sensitivity order measured first)
+ORDERS = ("largest", "listed")
 FITS = ("weights", "outputs")
 # fit=outputs keeps one layer's inputs and outputs on the calibration images in memory: at most this many
 # numbers (512 MB of fp32), fewer images if a layer's maps are large (ImageNet's early stages).
@@ -89,6 +91,13 @@ def conversion_order(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (modules[n].weight.numel(), position[n]), reverse=True)
 
 
+def listed_order(names: list[str], layers: Any) -> list[str]:
+    """`names` (in module order) in the order the `layers` patterns list them: the first pattern's matches
+    first, each pattern's matches in module order (`order: listed`)."""
+    patterns = globs(layers)
+    return sorted(names, key=lambda n: next(i for i, p in enumerate(patterns) if matches(n, [p])))
+
+
 @dataclass
 class FGFPOptions(AUPOptions):
     """FGFP: Fractional Gaussian Filters (chosen convs become generated kernels of 7 parameters per output
@@ -105,6 +114,9 @@ class FGFPOptions(AUPOptions):
     # one_by_one: one layer per round (largest first), each judged by the round's threshold; all: every
     # layer in prepare
     convert: str = "one_by_one"
+    # one_by_one's order: largest (most weights first) | listed (as `layers` lists its patterns, e.g. the
+    # layers that lose least when converted alone, first)
+    order: str = "largest"
     # one_by_one: fine-tuning epochs of a conversion round (null: the schedule's round_epochs, as a pruning
     # round); a conversion re-initialises a layer and may need a longer recovery than a pruning step
     convert_epochs: Optional[int] = None
@@ -144,6 +156,10 @@ class FGFPOptions(AUPOptions):
               "layers", "a number of layers >= 1, a glob pattern or a list of them")
         self.flag("skip_strided")
         self.choice("convert", CONVERT)
+        self.choice("order", ORDERS)
+        self.check(self.order != "listed" or not is_count(layers), "order",
+                   f"'largest' while method.layers is a count ({layers}): 'listed' follows the order of "
+                   "method.layers' patterns")
         self.count("convert_epochs", allow_none=True)
         self.count("terms", 1, MAX_TERMS)
         self.number("step", 0, 1e3, low_open=True)
@@ -230,7 +246,9 @@ class FGFP(Method):
         return {name: (torch.cat(xs)[:wanted], torch.cat(ys)[:wanted]) for name, (xs, ys) in seen.items() if xs}
 
     def _choose(self, model: nn.Module) -> list[str]:
-        return conversion_order(model, select_layers(model, self.options.layers, self.options.skip_strided))
+        o = self.options
+        names = select_layers(model, o.layers, o.skip_strided)
+        return listed_order(names, o.layers) if o.order == "listed" else conversion_order(model, names)
 
     def next_layer(self) -> str | None:
         """The layer the next step converts (None: the conversions are over, steps prune)."""
