@@ -9,7 +9,8 @@ pretrained CIFAR ResNet, for each (terms, step) pair, fitted as `method=fgfp` fi
 Beside each layer, two references that need no FGF: `copy_error`, the error of keeping only each output
 channel's strongest input channel exactly (an FGF's channel factor is one bump, so that is about what it can
 reach), and `rank1_error`, the best rank-1 (separable in channel x space) approximation of each output
-channel's kernel (an FGF kernel is rank 1 and smooth on top). Measured in docs/fgfp.md ("Known limits").
+channel's kernel (an FGF kernel is rank 1 and smooth on top). Measured in docs/fgfp.md, section "Which layers
+lose least, and the GL truncation".
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--terms", default="5,15,30,60")
+    parser.add_argument("--terms", default="5,15,30", help="GL terms L")
     parser.add_argument("--steps", default="0.1,0.25,0.5,1.0", help="GL steps h, in grid units")
     parser.add_argument("--grid", default="pixel", choices=fgf.GRIDS)
     parser.add_argument("-o", "--output", type=Path, required=True, help="CSV of one row per layer and setting")
